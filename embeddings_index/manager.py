@@ -1,0 +1,129 @@
+"""Keeps the FAISS index in step with the exemplar store.
+
+`IndexManager.open` is what a server calls at start: open the store, bring the
+shipped starter pack in, re-embed anything another model embedded, build the
+index. Writes go to the store first (durable), then a new index is built
+aside and swapped in; searches in flight keep the old snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from embeddings_index.embedder import Embedder
+from embeddings_index.faiss_index import ExemplarIndex, IndexHolder
+from embeddings_index.starter import STARTER_DIR, sync_starter_pack
+from embeddings_index.store import Exemplar, ExemplarStore
+
+__all__ = ["IndexManager"]
+
+log = logging.getLogger(__name__)
+
+
+class IndexManager:
+    """The exemplar store, the embedder that fills it, and the current index."""
+
+    def __init__(
+        self, store: ExemplarStore, embedder: Embedder, *, prepare: Callable[[str], str] = str
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.prepare = prepare
+        self._write_lock = threading.Lock()
+        self._holder = IndexHolder(self._build())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed exemplar texts as queries are embedded (after `prepare`)."""
+        return self.embedder.encode([self.prepare(t) for t in texts])
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        embedder: Embedder,
+        *,
+        prepare: Callable[[str], str] = str,
+        starter_dir: Path | None = STARTER_DIR,
+    ) -> IndexManager:
+        """Open (or create) the store under `data_dir` and build the index.
+
+        Args:
+            data_dir: Directory for `exemplars.sqlite3`.
+            embedder: Embeds exemplars that have no vector of its model yet.
+            prepare: Turns an exemplar's text into what the embedder reads; it
+                must match what queries go through (tier-0 normalisation).
+            starter_dir: The starter pack to keep in step with, or None for none.
+        """
+        store = ExemplarStore(Path(data_dir) / "exemplars.sqlite3")
+        if starter_dir is not None:
+            added = sync_starter_pack(
+                store,
+                embedder.encode,
+                embedding_model=embedder.model_id,
+                prepare=prepare,
+                directory=starter_dir,
+            )
+            if added:
+                log.info("added %d starter exemplars from %s", added, starter_dir)
+        _reembed_stale(store, embedder, prepare)
+        return cls(store, embedder, prepare=prepare)
+
+    @property
+    def index(self) -> ExemplarIndex:
+        """The current index snapshot."""
+        return self._holder.current
+
+    def _build(self) -> ExemplarIndex:
+        exemplars, vectors, missing = self.store.live_vectors(self.embedder.model_id)
+        if missing:
+            raise RuntimeError(f"{len(missing)} exemplars lack vectors of {self.embedder.model_id}")
+        if not len(vectors):
+            vectors = np.zeros((0, self.embedder.dim), dtype=np.float32)
+        return ExemplarIndex(
+            version=self.store.version,
+            model_id=self.embedder.model_id,
+            ids=[e.id for e in exemplars],
+            labels=[e.label for e in exemplars],
+            categories=[e.category for e in exemplars],
+            vectors=vectors,
+        )
+
+    def refresh(self) -> ExemplarIndex:
+        """Rebuild the index from the store and swap it in."""
+        index = self._build()
+        self._holder.swap(index)
+        return index
+
+    def add(self, exemplars: Sequence[Exemplar], vectors: np.ndarray | None = None) -> int:
+        """Store exemplars durably, then swap in an index that has them; returns the version."""
+        if vectors is None:
+            vectors = self.encode([e.text for e in exemplars])
+        exemplars = [e if e.id else replace(e, id=f"ex-{uuid.uuid4().hex[:16]}") for e in exemplars]
+        with self._write_lock:
+            version = self.store.add(exemplars, vectors, embedding_model=self.embedder.model_id)
+            self.refresh()
+        return version
+
+    def delete(self, exemplar_id: str) -> int | None:
+        """Remove an exemplar durably and swap in an index without it; None if it was not live."""
+        with self._write_lock:
+            version = self.store.delete(exemplar_id)
+            if version is not None:
+                self.refresh()
+        return version
+
+
+def _reembed_stale(store: ExemplarStore, embedder: Embedder, prepare: Callable[[str], str]) -> None:
+    """Embed exemplars whose vectors another model (or none) made."""
+    _, _, missing = store.live_vectors(embedder.model_id)
+    if missing:
+        log.info("re-embedding %d exemplars with %s", len(missing), embedder.model_id)
+        vectors = embedder.encode([prepare(e.text) for e in missing])
+        store.set_embeddings([e.id for e in missing], vectors, embedding_model=embedder.model_id)

@@ -1,0 +1,369 @@
+"""The exemplar store: the durable source of truth behind the FAISS index.
+
+SQLite in WAL mode with `synchronous=FULL`: a write that returned has reached
+the disk, so an acknowledged exemplar survives `kill -9`. Each exemplar keeps
+its embedding (and the id of the model that made it), so the index is rebuilt
+at start without re-encoding anything.
+
+Every change bumps the index version. Exemplars are never deleted outright:
+they carry the version that added them and the version that removed them, so
+any earlier version of the index can be reconstructed (and rolled back to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LABELS", "Exemplar", "ExemplarStore", "StoreError", "text_key"]
+
+LABELS = ("risky", "benign")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS exemplars (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    text_key TEXT NOT NULL,
+    label TEXT NOT NULL CHECK (label IN ('risky', 'benign')),
+    category TEXT NOT NULL,
+    source TEXT NOT NULL,
+    lang TEXT NOT NULL DEFAULT '',
+    added_by TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    added_version INTEGER NOT NULL,
+    deleted_version INTEGER,
+    embedding BLOB,
+    embedding_model TEXT
+);
+CREATE INDEX IF NOT EXISTS exemplars_live ON exemplars (deleted_version, label, category);
+CREATE INDEX IF NOT EXISTS exemplars_text_key ON exemplars (text_key);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = (
+    "row_id, id, text, label, category, source, lang, added_by, reason, created_at, "
+    "added_version, deleted_version"
+)
+
+
+class StoreError(RuntimeError):
+    """The exemplar store could not be read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exemplar:
+    """A known-risky or known-benign text and where it came from."""
+
+    id: str
+    text: str
+    label: str
+    category: str
+    source: str
+    lang: str = ""
+    added_by: str = ""
+    reason: str = ""
+    created_at: float = 0.0
+    row_id: int = 0
+    added_version: int = 0
+    deleted_version: int | None = None
+
+
+def text_key(text: str) -> str:
+    """Hash of a text with case and whitespace folded: finds exact duplicates."""
+    folded = " ".join(text.casefold().split())
+    return hashlib.sha256(folded.encode("utf-8")).hexdigest()
+
+
+class ExemplarStore:
+    """Exemplars in one SQLite file; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open exemplar store {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"exemplar store {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"exemplar store {self.path}: {exc}") from exc
+
+    # -- versions and metadata ------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The current index version; 0 for an empty, never-changed store."""
+        value = self.get_meta("index_version")
+        return int(value) if value else 0
+
+    def get_meta(self, key: str) -> str | None:
+        """A value from the metadata table, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value in the metadata table."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @staticmethod
+    def _bump_version(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'index_version'").fetchone()
+        version = (int(row[0]) if row else 0) + 1
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('index_version', ?)", (str(version),)
+        )
+        return version
+
+    # -- writes ----------------------------------------------------------------
+
+    def add(
+        self,
+        exemplars: Sequence[Exemplar],
+        embeddings: np.ndarray,
+        *,
+        embedding_model: str,
+    ) -> int:
+        """Add exemplars with their embeddings in one transaction; returns the new version.
+
+        Raises:
+            StoreError: an id already exists, a label is unknown, or the write failed.
+        """
+        if len(exemplars) != len(embeddings):
+            raise ValueError("one embedding per exemplar is required")
+        for exemplar in exemplars:
+            if exemplar.label not in LABELS:
+                raise StoreError(f"exemplar {exemplar.id!r}: label must be one of {LABELS}")
+        now = time.time()
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        ids = [e.id for e in exemplars]
+        with self._transaction() as conn:
+            taken = _existing_ids(conn, ids)
+            if taken or len(set(ids)) != len(ids):
+                duplicate = taken[0] if taken else next(i for i in ids if ids.count(i) > 1)
+                raise StoreError(f"cannot add exemplars: id {duplicate!r} already exists")
+            version = self._bump_version(conn)
+            conn.executemany(
+                "INSERT INTO exemplars (id, text, text_key, label, category, source, lang, "
+                "added_by, reason, created_at, added_version, embedding, embedding_model) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.id, e.text, text_key(e.text), e.label, e.category, e.source, e.lang,
+                        e.added_by, e.reason, e.created_at or now, version,
+                        vectors[i].tobytes(), embedding_model,
+                    )
+                    for i, e in enumerate(exemplars)
+                ],
+            )  # fmt: skip
+        return version
+
+    def delete(self, exemplar_id: str) -> int | None:
+        """Remove a live exemplar; returns the new version, or None if it was not live."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT row_id FROM exemplars WHERE id = ? AND deleted_version IS NULL",
+                (exemplar_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            version = self._bump_version(conn)
+            conn.execute(
+                "UPDATE exemplars SET deleted_version = ? WHERE row_id = ?", (version, row[0])
+            )
+        return version
+
+    # -- reads -----------------------------------------------------------------
+
+    def count(self) -> int:
+        """Number of live exemplars."""
+        return int(
+            self._query("SELECT COUNT(*) FROM exemplars WHERE deleted_version IS NULL")[0][0]
+        )
+
+    def get(self, exemplar_id: str) -> Exemplar | None:
+        """A live exemplar by id, or None."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM exemplars WHERE id = ? AND deleted_version IS NULL",
+            (exemplar_id,),
+        )
+        return _exemplar(rows[0]) if rows else None
+
+    def get_many(self, exemplar_ids: Iterable[str]) -> dict[str, Exemplar]:
+        """Live exemplars by id; ids that are not live are left out."""
+        ids = list(dict.fromkeys(exemplar_ids))
+        found: dict[str, Exemplar] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT {_COLUMNS} FROM exemplars WHERE deleted_version IS NULL AND id IN "
+            for row in self._query(f"{sql}({marks})", chunk):
+                exemplar = _exemplar(row)
+                found[exemplar.id] = exemplar
+        return found
+
+    def find_by_text(self, texts: Iterable[str]) -> dict[str, Exemplar]:
+        """Live exemplars whose text equals one of `texts` (case and spacing folded), by key."""
+        keys = list(dict.fromkeys(text_key(t) for t in texts))
+        found: dict[str, Exemplar] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(
+                f"SELECT {_COLUMNS}, text_key FROM exemplars "
+                f"WHERE deleted_version IS NULL AND text_key IN ({marks})",
+                chunk,
+            ):
+                found[row[-1]] = _exemplar(row[:-1])
+        return found
+
+    def live_vectors(
+        self, embedding_model: str
+    ) -> tuple[list[Exemplar], np.ndarray, list[Exemplar]]:
+        """Live exemplars with their vectors, plus those that lack a vector of `embedding_model`.
+
+        Returns:
+            (exemplars, vectors, missing): `vectors[i]` belongs to `exemplars[i]`;
+            `missing` must be re-embedded (another model made their vectors).
+        """
+        rows = self._query(
+            f"SELECT {_COLUMNS}, embedding, embedding_model FROM exemplars "
+            "WHERE deleted_version IS NULL ORDER BY row_id"
+        )
+        have, vectors, missing = [], [], []
+        for row in rows:
+            exemplar = _exemplar(row[:-2])
+            if row[-1] == embedding_model and row[-2] is not None:
+                have.append(exemplar)
+                vectors.append(np.frombuffer(row[-2], dtype=np.float32))
+            else:
+                missing.append(exemplar)
+        matrix = np.vstack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+        return have, matrix, missing
+
+    def set_embeddings(
+        self, exemplar_ids: Sequence[str], embeddings: np.ndarray, *, embedding_model: str
+    ) -> None:
+        """Store re-computed vectors (after a model change); does not change the version."""
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE exemplars SET embedding = ?, embedding_model = ? WHERE id = ?",
+                [
+                    (vectors[i].tobytes(), embedding_model, eid)
+                    for i, eid in enumerate(exemplar_ids)
+                ],
+            )
+
+    def list(
+        self,
+        *,
+        label: str | None = None,
+        category: str | None = None,
+        source: str | None = None,
+        after_row_id: int = 0,
+        limit: int = 100,
+    ) -> list[Exemplar]:
+        """Live exemplars in insertion order, filtered; page with `after_row_id`."""
+        clauses = ["deleted_version IS NULL", "row_id > ?"]
+        params: list[object] = [after_row_id]
+        for column, value in (("label", label), ("category", category), ("source", source)):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM exemplars WHERE {' AND '.join(clauses)} "
+            "ORDER BY row_id LIMIT ?",
+            [*params, limit],
+        )
+        return [_exemplar(row) for row in rows]
+
+    def list_all(self, *, source: str | None = None) -> list[Exemplar]:
+        """Every live exemplar (of one source, if given)."""
+        exemplars: list[Exemplar] = []
+        while page := self.list(
+            source=source, after_row_id=exemplars[-1].row_id if exemplars else 0, limit=1000
+        ):
+            exemplars.extend(page)
+        return exemplars
+
+    def known_ids(self) -> set[str]:
+        """Every id the store has ever held, live or removed."""
+        return {row[0] for row in self._query("SELECT id FROM exemplars")}
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Live exemplars by (label, category)."""
+        rows = self._query(
+            "SELECT label, category, COUNT(*) FROM exemplars WHERE deleted_version IS NULL "
+            "GROUP BY label, category"
+        )
+        return {(label, category): int(n) for label, category, n in rows}
+
+
+def _existing_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
+    found: list[str] = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found += [
+            row[0] for row in conn.execute(f"SELECT id FROM exemplars WHERE id IN ({marks})", chunk)
+        ]
+    return found
+
+
+def _exemplar(row: tuple) -> Exemplar:
+    (row_id, eid, text, label, category, source, lang, added_by, reason, created_at,
+     added_version, deleted_version) = row  # fmt: skip
+    return Exemplar(
+        id=eid,
+        text=text,
+        label=label,
+        category=category,
+        source=source,
+        lang=lang,
+        added_by=added_by,
+        reason=reason,
+        created_at=created_at,
+        row_id=row_id,
+        added_version=added_version,
+        deleted_version=deleted_version,
+    )
