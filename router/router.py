@@ -1,0 +1,178 @@
+"""The router: tiers 0 and 1 for one text, from raw input to a route with evidence.
+
+normalise -> prefilter (a blocking rule ends it here) -> embed -> k nearest
+exemplars -> risk score -> route. Each stage is timed. The router knows
+nothing of gRPC; the gateway turns a `RouteResult` into a response.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from embeddings_index.faiss_index import ExemplarIndex, Neighbors
+from router.decision import Route, Thresholds, Tier, route_for
+from router.normalize import NormalizedText, normalize
+from router.prefilter import Prefilter, PrefilterHit, RuleAction
+from router.scoring import Evidence, ScoringModel
+
+__all__ = ["RouteResult", "Router", "Timings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds spent in each stage of routing."""
+
+    normalize_ms: float = 0.0
+    prefilter_ms: float = 0.0
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """Where a text goes and the evidence for it.
+
+    Attributes:
+        route: ALLOW, ESCALATE (to the critic tier) or BLOCK.
+        decided_by: The tier whose evidence decided the route.
+        risk_score: Probability that the text is risky, in [0, 1].
+        thresholds: The thresholds that were applied.
+        normalized: The text as the tiers read it.
+        hits: Prefilter rules that matched.
+        neighbors: The nearest exemplars (empty when tier 0 blocked alone).
+        index: The index snapshot that was searched (ids, categories, version).
+        timings: Time per stage.
+    """
+
+    route: Route
+    decided_by: Tier
+    risk_score: float
+    thresholds: Thresholds
+    normalized: NormalizedText
+    hits: tuple[PrefilterHit, ...]
+    neighbors: Neighbors | None
+    index: ExemplarIndex
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def reason(self) -> str:
+        """One sentence that says why."""
+        if self.decided_by is Tier.PREFILTER:
+            rules = ", ".join(h.rule_id for h in self.hits if h.action is RuleAction.BLOCK)
+            return f"blocked by prefilter rule {rules}"
+        verb = {Route.ALLOW: "below", Route.ESCALATE: "at or above", Route.BLOCK: "at or above"}
+        limit = (
+            self.thresholds.block_at if self.route is Route.BLOCK else self.thresholds.escalate_at
+        )
+        name = "block_at" if self.route is Route.BLOCK else "escalate_at"
+        return f"risk score {self.risk_score:.3f} is {verb[self.route]} {name} {limit:.3f}"
+
+
+Embed = Callable[[str], Awaitable[np.ndarray]]
+
+
+class Router:
+    """Routes texts with one prefilter, one scoring model and the current exemplar index.
+
+    Args:
+        prefilter: Tier-0 pattern packs.
+        scoring: The model that turns evidence into a risk score.
+        index: Returns the index snapshot to search (called once per text, so
+            an index swapped in by an admin applies to the next request).
+    """
+
+    def __init__(
+        self,
+        *,
+        prefilter: Prefilter,
+        scoring: ScoringModel,
+        index: Callable[[], ExemplarIndex],
+    ) -> None:
+        self._prefilter = prefilter
+        self._scoring = scoring
+        self._index = index
+
+    @property
+    def scoring(self) -> ScoringModel:
+        """The scoring model in use."""
+        return self._scoring
+
+    async def route(
+        self, text: str, *, thresholds: Thresholds, embed: Embed, k: int | None = None
+    ) -> RouteResult:
+        """Route one text; `embed` turns the normalised text into its unit vector."""
+        start = time.perf_counter()
+        normalized = normalize(text)
+        t_norm = time.perf_counter()
+        hits = tuple(self._prefilter.scan(normalized))
+        t_pre = time.perf_counter()
+        index = self._index()
+        if any(hit.action is RuleAction.BLOCK for hit in hits):
+            return self._tier0_block(normalized, hits, thresholds, index, start, t_norm, t_pre)
+        vector = await embed(normalized.text)
+        t_embed = time.perf_counter()
+        neighbors = index.search(vector[None, :], k or self._scoring.k)[0]
+        result = self._decide(normalized, hits, vector, neighbors, thresholds, index)
+        timings = Timings(
+            normalize_ms=_ms(start, t_norm),
+            prefilter_ms=_ms(t_norm, t_pre),
+            embed_ms=_ms(t_pre, t_embed),
+            search_ms=_ms(t_embed, time.perf_counter()),
+        )
+        return replace(result, timings=timings)
+
+    def route_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        thresholds: Thresholds,
+        encode: Callable[[list[str]], np.ndarray],
+        k: int | None = None,
+    ) -> list[RouteResult]:
+        """Route many texts in process with one call to `encode` (for evaluation)."""
+        normalized = [normalize(t) for t in texts]
+        hits = [tuple(self._prefilter.scan(n)) for n in normalized]
+        index = self._index()
+        vectors = encode([n.text for n in normalized])
+        all_neighbors = index.search(vectors, k or self._scoring.k)
+        return [
+            self._decide(n, h, v, nb, thresholds, index)
+            for n, h, v, nb in zip(normalized, hits, vectors, all_neighbors, strict=True)
+        ]
+
+    def _decide(
+        self,
+        normalized: NormalizedText,
+        hits: tuple[PrefilterHit, ...],
+        vector: np.ndarray,
+        neighbors: Neighbors,
+        thresholds: Thresholds,
+        index: ExemplarIndex,
+    ) -> RouteResult:
+        evidence = Evidence(vector, neighbors, hits, obfuscated=bool(normalized.decoded))
+        score = self._scoring.score(evidence)
+        route, tier = route_for(score, hits, thresholds)
+        return RouteResult(route, tier, score, thresholds, normalized, hits, neighbors, index)
+
+    @staticmethod
+    def _tier0_block(
+        normalized: NormalizedText,
+        hits: tuple[PrefilterHit, ...],
+        thresholds: Thresholds,
+        index: ExemplarIndex,
+        start: float,
+        t_norm: float,
+        t_pre: float,
+    ) -> RouteResult:
+        timings = Timings(normalize_ms=_ms(start, t_norm), prefilter_ms=_ms(t_norm, t_pre))
+        return RouteResult(
+            Route.BLOCK, Tier.PREFILTER, 1.0, thresholds, normalized, hits, None, index, timings
+        )
+
+
+def _ms(start: float, end: float) -> float:
+    return (end - start) * 1000.0

@@ -1,0 +1,89 @@
+"""Fit the shipped scoring model (router/scoring_model.json) from labelled data.
+
+The model is a logistic regression over the router's evidence (nearest
+exemplars of the shipped starter pack, prefilter hits) and a linear probe of
+the embedding. It is fitted on the starter pack itself (each exemplar scored
+without its own entry) plus the labelled JSONL files given with --data; only
+the weights ship, never the texts.
+
+    python scripts/fit_scorer.py --data ../shared/datasets/*.jsonl [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from embeddings_index.embedder import SentenceTransformerEmbedder  # noqa: E402
+from embeddings_index.faiss_index import ExemplarIndex  # noqa: E402
+from embeddings_index.starter import load_starter_pack  # noqa: E402
+from router.evaluation import read_labelled  # noqa: E402
+from router.normalize import normalize  # noqa: E402
+from router.prefilter import Prefilter  # noqa: E402
+from router.scoring import DEFAULT_MODEL_PATH  # noqa: E402
+from router.training import PACK_PREFIX, TrainingExample, fit_scoring_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", type=Path, required=True, help="labelled JSONL files")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--l2", type=float, default=3.0, help="regularisation strength")
+    parser.add_argument("--pack-share", type=float, default=0.5,
+                        help="weight of the starter pack within each label")  # fmt: skip
+    parser.add_argument("--k", type=int, default=10, help="neighbours per text")
+    parser.add_argument("--no-embedding-head", action="store_true")
+    args = parser.parse_args(argv)
+
+    embedder = SentenceTransformerEmbedder()
+    pack = load_starter_pack()
+    rows = [row for path in args.data for row in read_labelled(path)]
+    print(f"embedding {len(pack)} starter exemplars and {len(rows)} labelled texts", flush=True)
+    pack_vectors = embedder.encode([normalize(e.text).text for e in pack])
+    row_vectors = embedder.encode([normalize(r.text).text for r in rows])
+
+    index = ExemplarIndex(
+        version=1,
+        model_id=embedder.model_id,
+        ids=[e.id for e in pack],
+        labels=[e.label for e in pack],
+        categories=[e.category for e in pack],
+        vectors=pack_vectors,
+    )
+    examples = [
+        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, pack_vectors[i], i)
+        for i, e in enumerate(pack)
+    ] + [
+        TrainingExample(r.text, r.label == "risky", r.file, row_vectors[i])
+        for i, r in enumerate(rows)
+    ]
+    digest = hashlib.sha256("".join(sorted(p.name for p in args.data)).encode()).hexdigest()[:12]
+    model = fit_scoring_model(
+        examples,
+        index,
+        Prefilter.from_directory(),
+        k=args.k,
+        embedding_head=not args.no_embedding_head,
+        l2=args.l2,
+        pack_share=args.pack_share,
+        fitted_on=(
+            f"scripts/fit_scorer.py: starter pack ({len(pack)} exemplars) + "
+            f"{len(rows)} labelled texts from {len(args.data)} files (names sha256 {digest}); "
+            f"l2={args.l2}, pack_share={args.pack_share}, k={args.k}, embedder {embedder.model_id}"
+        ),
+    )
+    model.save(args.out)
+    weights = dict(zip(model.feature_names, np.round(model.weights, 3), strict=True))
+    print(f"wrote {args.out}: bias {model.bias:.3f}, weights {weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
