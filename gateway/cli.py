@@ -1,0 +1,142 @@
+"""The `tierguard` command line: serve, check, eval.
+
+tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR]
+tierguard check TEXT [--address HOST:PORT] [--policy P] [--json]
+tierguard eval --data FILE.jsonl [--data ...] [--json] [--policy P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tierguard` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierguard", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC gateway")
+    _config_flags(serve)
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 50051)")
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser("check", help="check a prompt against a running gateway")
+    check.add_argument("text", help="the prompt to check")
+    check.add_argument("--address", default="localhost:50051", help="HOST:PORT of the gateway")
+    check.add_argument("--policy", default="", help="policy name (default: the server's)")
+    check.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    check.set_defaults(func=_check)
+
+    evaluate = commands.add_parser("eval", help="measure routing on labelled JSONL, in process")
+    _config_flags(evaluate)
+    evaluate.add_argument("--data", action="extend", nargs="+", required=True, type=Path,
+                          metavar="FILE", help="labelled JSONL files (repeatable)")  # fmt: skip
+    evaluate.add_argument("--policy", default="", help="policy whose thresholds apply")
+    evaluate.add_argument("--json", action="store_true", help="print the reports as JSON")
+    evaluate.set_defaults(func=_eval)
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (or TIERGUARD_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="where the exemplar store lives")
+
+
+def _load(args: argparse.Namespace):
+    from gateway.config import ConfigError, load_config
+
+    overrides = {"data_dir": args.data_dir}
+    if hasattr(args, "port"):
+        overrides |= {"server.port": args.port, "server.host": args.host}
+    try:
+        return load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"tierguard: bad configuration: {exc}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from gateway.server import serve
+
+    config = _load(args)
+    gateway = Gateway.create(config)
+    asyncio.run(serve(gateway))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
+    from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.GuardrailServiceStub(channel)
+        try:
+            response = stub.CheckPrompt(
+                pb.CheckPromptRequest(text=args.text, policy=args.policy), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"tierguard: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    verdict = response.verdict
+    if args.json:
+        print(json_format.MessageToJson(verdict, preserving_proto_field_name=True))
+        return 0
+    print(f"decision:   {pb.Decision.Name(verdict.decision)}")
+    print(f"decided by: {pb.Tier.Name(verdict.decided_by)}")
+    print(f"risk score: {verdict.risk_score:.3f} (escalate_at {verdict.thresholds.escalate_at}, "
+          f"block_at {verdict.thresholds.block_at})")  # fmt: skip
+    fallback = "  (fallback applied)" if verdict.fallback_applied else ""
+    print(f"escalated:  {verdict.escalated}{fallback}")
+    print(f"reason:     {verdict.reason}")
+    for hit in verdict.prefilter_hits:
+        print(f"  rule   {hit.rule_id} ({hit.category}, weight {hit.weight:.2f})")
+    for match in verdict.nearest_exemplars[:5]:
+        similarity = f" sim {match.similarity:.3f}" if match.similarity_exposed else ""
+        label = pb.Label.Name(match.label)
+        print(f"  near   {match.exemplar_id} [{label}/{match.category}]{similarity}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gateway.evaluate import evaluate_files, format_reports
+
+    config = _load(args)
+    reports = evaluate_files(config, args.data, policy_name=args.policy)
+    if args.json:
+        print(json.dumps({k: [r.as_dict() for r in v] for k, v in reports.items()}, indent=1))
+    else:
+        print(format_reports(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

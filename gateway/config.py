@@ -1,0 +1,289 @@
+"""Gateway configuration: parsed once at the edge, frozen, passed down.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config` or
+`TIERGUARD_CONFIG`), environment variables (`TIERGUARD_HOST`,
+`TIERGUARD_PORT`, `TIERGUARD_DATA_DIR`, `TIERGUARD_MAX_TEXT_CHARS`,
+`TIERGUARD_DEFAULT_POLICY`), then command-line flags. A bad value fails
+loudly and names its field. Nothing here is read at import time.
+
+Example file::
+
+    server:
+      host: 0.0.0.0
+      port: 50051
+    data_dir: /var/lib/tierguard
+    default_policy: default
+    policies:
+      default:
+        escalate_at: 0.5
+        block_at: 0.97
+      strict:
+        escalate_at: 0.3
+        block_at: 0.9
+        fallback_decision: block
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from router.decision import Decision, Thresholds
+
+__all__ = [
+    "DEFAULT_BLOCK_AT",
+    "DEFAULT_ESCALATE_AT",
+    "Config",
+    "ConfigError",
+    "EmbeddingConfig",
+    "Policy",
+    "ServerConfig",
+    "load_config",
+]
+
+# Chosen with `tierguard eval` on ../shared/datasets (see README, "Tuning thresholds").
+DEFAULT_ESCALATE_AT = 0.6
+DEFAULT_BLOCK_AT = 0.97
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field at fault."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How checks under one policy name are decided.
+
+    Attributes:
+        name: The policy's name, as callers select it.
+        escalate_at: Risk at or above which a text goes to the critic tier.
+        block_at: Risk at or above which a text is blocked without the critic.
+        k: Nearest exemplars to consider (0: the scoring model's own k).
+        fallback_decision: The decision for an escalated text when the critic
+            tier cannot judge it ("block" or "allow"); marked as a fallback.
+        expose_evidence: Whether verdicts carry exemplar texts and raw
+            similarities (ids and categories are always there). Off by
+            default: a caller who sees similarities can probe the deny list.
+    """
+
+    name: str = "default"
+    escalate_at: float = DEFAULT_ESCALATE_AT
+    block_at: float = DEFAULT_BLOCK_AT
+    k: int = 0
+    fallback_decision: Decision = Decision.BLOCK
+    expose_evidence: bool = False
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The policy's cut points on the risk score."""
+        return Thresholds(self.escalate_at, self.block_at)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC listener and request limits.
+
+    Attributes:
+        host: Interface to listen on.
+        port: Port to listen on (0 picks a free one).
+        max_text_chars: Longest text a check accepts, in characters.
+        max_concurrent_checks: Checks in flight beyond which new ones get
+            RESOURCE_EXHAUSTED instead of queueing without bound.
+        grace_seconds: How long a stopping server lets checks in flight finish.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_text_chars: int = 20_000
+    max_concurrent_checks: int = 512
+    grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """The tier-1 embedder.
+
+    Attributes:
+        model_path: A sentence-transformers directory; None for the packaged
+            all-MiniLM-L6-v2.
+        max_batch: Most texts encoded together.
+        max_wait_ms: Longest a request waits for company when the model is idle.
+    """
+
+    model_path: Path | None = None
+    max_batch: int = 64
+    max_wait_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway needs to start."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    data_dir: Path = Path("tierguard-data")
+    default_policy: str = "default"
+    policies: Mapping[str, Policy] = field(default_factory=lambda: {"default": Policy()})
+    scoring_model: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_policy not in self.policies:
+            raise ConfigError(
+                f"default_policy: {self.default_policy!r} is not one of the policies "
+                f"{sorted(self.policies)}"
+            )
+
+    def policy(self, name: str) -> Policy | None:
+        """The policy called `name`, or None."""
+        return self.policies.get(name)
+
+
+_ENV = {
+    "TIERGUARD_HOST": ("server", "host"),
+    "TIERGUARD_PORT": ("server", "port"),
+    "TIERGUARD_MAX_TEXT_CHARS": ("server", "max_text_chars"),
+    "TIERGUARD_DATA_DIR": ("data_dir",),
+    "TIERGUARD_DEFAULT_POLICY": ("default_policy",),
+}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a Config from defaults, a YAML file, the environment and overrides.
+
+    Args:
+        path: YAML file; None falls back to `TIERGUARD_CONFIG`, then to no file.
+        environ: The environment to read (default: os.environ).
+        overrides: Dotted keys to values, e.g. {"server.port": 50052}, as the CLI sets them.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a value is invalid.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = path or (Path(env["TIERGUARD_CONFIG"]) if env.get("TIERGUARD_CONFIG") else None)
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for variable, keys in _ENV.items():
+        if env.get(variable):
+            _set_dotted(raw, keys, env[variable])
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, tuple(dotted.split(".")), value)
+    return _parse_config(raw)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    return doc
+
+
+def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def _parse_config(raw: Mapping[str, Any]) -> Config:
+    _reject_unknown("", raw, {f.name for f in dataclasses.fields(Config)})
+    policies_raw = raw.get("policies") or {"default": {}}
+    if not isinstance(policies_raw, Mapping) or not policies_raw:
+        raise ConfigError("policies: must be a mapping of policy names to settings")
+    policies = {
+        str(name): _parse_policy(str(name), body or {}) for name, body in policies_raw.items()
+    }
+    return Config(
+        server=_parse_section("server", ServerConfig, raw.get("server") or {}),
+        embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding") or {}),
+        data_dir=Path(str(raw.get("data_dir", Config.data_dir))),
+        default_policy=str(raw.get("default_policy", "default")),
+        policies=policies,
+        scoring_model=Path(str(raw["scoring_model"])) if raw.get("scoring_model") else None,
+    )
+
+
+def _parse_policy(name: str, body: Mapping[str, Any]) -> Policy:
+    where = f"policies.{name}"
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    policy = _parse_section(where, Policy, {**body, "name": name})
+    try:
+        policy.thresholds  # noqa: B018 - validates the pair
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return policy
+
+
+def _reject_unknown(where: str, body: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})"
+        )
+
+
+def _parse_section(where: str, cls: type, body: Mapping[str, Any]) -> Any:
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(where, body, set(fields))
+    values = {key: _coerce(f"{where}.{key}", fields[key], value) for key, value in body.items()}
+    return cls(**values)
+
+
+def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "float":
+            number = float(value)
+            if where.endswith(("escalate_at", "block_at")) and not 0.0 <= number <= 1.0:
+                raise ValueError("must be in [0, 1]")
+            if number < 0:
+                raise ValueError("must not be negative")
+            return number
+        if kind == "int":
+            if isinstance(value, bool) or float(value) != int(value):
+                raise ValueError("must be a whole number")
+            number = int(value)
+            if number < 0 or (where.endswith("port") and number > 65535):
+                raise ValueError("out of range")
+            return number
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError("must be true or false")
+        if kind == "Decision":
+            decision = Decision(str(value).lower())
+            if decision is Decision.REVISE:
+                raise ValueError("must be 'block' or 'allow'")
+            return decision
+        if kind == "Path | None":
+            return Path(str(value)) if value else None
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid value {value!r} ({exc})") from None

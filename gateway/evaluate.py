@@ -1,0 +1,83 @@
+"""`tierguard eval`: tiers 0 and 1 in process over labelled JSONL files."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from embeddings_index.embedder import Embedder
+from gateway.app import Gateway
+from gateway.config import Config
+from router.evaluation import GroupReport, LabelledText, read_labelled, report_groups
+from router.router import RouteResult
+
+__all__ = ["evaluate_files", "format_reports", "route_rows"]
+
+
+def route_rows(
+    gateway: Gateway, rows: Sequence[LabelledText], *, policy_name: str = ""
+) -> list[RouteResult]:
+    """Route every row under the named (or default) policy, in batches."""
+    policy = gateway.resolve_policy(policy_name)
+    results: list[RouteResult] = []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        results += gateway.router.route_batch(
+            [r.text for r in chunk],
+            thresholds=policy.thresholds,
+            encode=gateway.embedder.encode,
+            k=policy.k or None,
+        )
+    return results
+
+
+def evaluate_files(
+    config: Config,
+    paths: Sequence[Path],
+    *,
+    policy_name: str = "",
+    embedder: Embedder | None = None,
+) -> dict[str, list[GroupReport]]:
+    """Reports per file, per category and overall for the given labelled files."""
+    rows = [row for path in paths for row in read_labelled(path)]
+    gateway = Gateway.create(config, embedder=embedder)
+    results = route_rows(gateway, rows, policy_name=policy_name)
+    routes = [r.route for r in results]
+    scores = [r.risk_score for r in results]
+    by_file: dict[str, list[int]] = defaultdict(list)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_file[row.file].append(i)
+        by_category[row.category].append(i)
+    return {
+        "file": report_groups(rows, routes, scores, sorted(by_file.items())),
+        "category": report_groups(rows, routes, scores, sorted(by_category.items())),
+        "overall": report_groups(rows, routes, scores, [("all", range(len(rows)))]),
+    }
+
+
+def format_reports(reports: dict[str, list[GroupReport]]) -> str:
+    """The reports as aligned text tables."""
+    header = (
+        f"{'group':<36} {'n':>6} {'allow':>6} {'escal':>6} {'block':>6} "
+        f"{'recall':>7} {'esc_ben':>8} {'esc_hard':>8} {'auroc':>6}"
+    )
+    lines = []
+    for kind, group_reports in reports.items():
+        lines += [kind if kind == "overall" else f"by {kind}", header, "-" * len(header)]
+        lines += [_row(r) for r in group_reports]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+def _row(r: GroupReport) -> str:
+    return (
+        f"{r.group[:36]:<36} {r.count:>6} {_fmt(r.allowed, 6)} {_fmt(r.escalated, 6)} "
+        f"{_fmt(r.blocked, 6)} {_fmt(r.recall_risky, 7)} {_fmt(r.escalation_benign, 8)} "
+        f"{_fmt(r.escalation_benign_hard, 8)} {_fmt(r.auroc, 6)}"
+    )
