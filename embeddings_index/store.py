@@ -48,6 +48,22 @@ CREATE TABLE IF NOT EXISTS exemplars (
 CREATE INDEX IF NOT EXISTS exemplars_live ON exemplars (deleted_version, label, category);
 CREATE INDEX IF NOT EXISTS exemplars_text_key ON exemplars (text_key);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS proposals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT NOT NULL,
+    text_key TEXT NOT NULL,
+    label TEXT NOT NULL CHECK (label IN ('risky', 'benign')),
+    category TEXT NOT NULL,
+    source TEXT NOT NULL,
+    added_by TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    decided_by TEXT,
+    decided_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS proposals_pending
+    ON proposals (text_key, label) WHERE status = 'pending';
 """
 
 _COLUMNS = (
@@ -211,6 +227,39 @@ class ExemplarStore:
                 "UPDATE exemplars SET deleted_version = ? WHERE row_id = ?", (version, row[0])
             )
         return version
+
+    def propose(self, exemplar: Exemplar) -> bool:
+        """Queue a candidate exemplar for an admin's review; False if already known or queued.
+
+        Proposals never change the index by themselves (auto-learning without
+        review is a poisoning vector).
+        """
+        key = text_key(exemplar.text)
+        with self._transaction() as conn:
+            live = conn.execute(
+                "SELECT 1 FROM exemplars WHERE text_key = ? AND deleted_version IS NULL", (key,)
+            ).fetchone()
+            if live:
+                return False
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO proposals (text, text_key, label, category, source, "
+                "added_by, reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (exemplar.text, key, exemplar.label, exemplar.category, exemplar.source,
+                 exemplar.added_by, exemplar.reason, time.time()),
+            )  # fmt: skip
+            return cursor.rowcount == 1
+
+    def pending_proposals(self) -> list[tuple[int, Exemplar]]:
+        """Proposals waiting for review, oldest first, as (proposal id, exemplar)."""
+        rows = self._query(
+            "SELECT id, text, label, category, source, added_by, reason, created_at "
+            "FROM proposals WHERE status = 'pending' ORDER BY id"
+        )
+        return [
+            (pid, Exemplar(id="", text=text, label=label, category=category, source=source,
+                           added_by=added_by, reason=reason, created_at=created_at))
+            for pid, text, label, category, source, added_by, reason, created_at in rows
+        ]  # fmt: skip
 
     # -- reads -----------------------------------------------------------------
 

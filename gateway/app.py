@@ -1,23 +1,35 @@
 """The gateway's runtime parts, wired once at start and shared by every request.
 
 `Gateway.create` loads the embedding model (unless one is passed in, as tests
-do to load it once per session), opens the exemplar store under the data
-directory, brings in the starter pack and builds the index. It knows nothing
-of gRPC: the servicers adapt it.
+do to load it once per session), opens the exemplar store and the critic
+records under the data directory, brings in the starter pack, builds the
+index, loads the constitutions and picks the critic: the LLM critic when an
+endpoint is configured, else the local critic. It knows nothing of gRPC: the
+servicers adapt it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from critic.constitution import Constitution, load_constitutions
+from critic.generator import Generator
+from critic.llm_critic import LLMCritic
+from critic.local_critic import LocalCritic
+from critic.records import CriticRecords
+from critic.types import Critic
 from embeddings_index.batching import BatchingConfig, MicroBatcher
 from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
-from gateway.config import Config, Policy
+from gateway.config import Config, ConfigError, Policy
 from gateway.errors import PolicyNotFound
-from router.normalize import normalized_text
-from router.prefilter import Prefilter
+from router.normalize import normalize, normalized_text
+from router.prefilter import Prefilter, RuleAction
 from router.router import Router
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
 
@@ -28,22 +40,48 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Gateway:
-    """Config, index, router and batcher of one running gateway."""
+    """Config, index, router, critic and records of one running gateway."""
 
     config: Config
     embedder: Embedder
     index: IndexManager
     router: Router
+    prefilter: Prefilter
     batcher: MicroBatcher
+    constitutions: Mapping[str, Constitution]
+    critic: Critic
+    local_critic: LocalCritic
+    records: CriticRecords
+    generator: Generator | None = None
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
-    def create(cls, config: Config, *, embedder: Embedder | None = None) -> Gateway:
-        """Build every part; slow (loads the model, may embed the starter pack)."""
+    def create(
+        cls,
+        config: Config,
+        *,
+        embedder: Embedder | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Gateway:
+        """Build every part; slow (loads the model, may embed the starter pack).
+
+        Raises:
+            ConfigError: a policy names a constitution that does not exist.
+        """
+        env = os.environ if environ is None else environ
+        constitutions = load_constitutions()
+        for policy in config.policies.values():
+            if policy.constitution not in constitutions:
+                raise ConfigError(
+                    f"policies.{policy.name}.constitution: {policy.constitution!r} is not one "
+                    f"of {sorted(constitutions)}"
+                )
         if embedder is None:
             embedder = SentenceTransformerEmbedder(config.embedding.model_path)
         index = IndexManager.open(config.data_dir, embedder, prepare=normalized_text)
+        prefilter = Prefilter.from_directory()
         router = Router(
-            prefilter=Prefilter.from_directory(),
+            prefilter=prefilter,
             scoring=ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH),
             index=lambda: index.index,
         )
@@ -53,13 +91,38 @@ class Gateway:
                 max_batch=config.embedding.max_batch, max_wait_ms=config.embedding.max_wait_ms
             ),
         )
+        local = LocalCritic()
+        critic: Critic = (
+            LLMCritic(config.critic.settings(env)) if config.critic.is_enabled(env) else local
+        )
+        generator = (
+            Generator(config.generator.settings(env), system_prompt=config.generator.system_prompt)
+            if config.generator.is_enabled(env)
+            else None
+        )
         log.info(
-            "gateway ready: %d exemplars (index version %d), policies %s",
+            "gateway ready: %d exemplars (index version %d), policies %s, critic %s%s, "
+            "generator %s",
             len(index.index),
             index.index.version,
             sorted(config.policies),
+            critic.kind.value,
+            f" ({critic.model})" if critic.model else "",
+            generator.model if generator else "not configured",
         )
-        return cls(config=config, embedder=embedder, index=index, router=router, batcher=batcher)
+        return cls(
+            config=config,
+            embedder=embedder,
+            index=index,
+            router=router,
+            prefilter=prefilter,
+            batcher=batcher,
+            constitutions=constitutions,
+            critic=critic,
+            local_critic=local,
+            records=CriticRecords(config.data_dir / "critic.sqlite3"),
+            generator=generator,
+        )
 
     def resolve_policy(self, *names: str) -> Policy:
         """The first non-empty name's policy, else the default policy.
@@ -73,7 +136,34 @@ class Gateway:
             raise PolicyNotFound(name, list(self.config.policies))
         return policy
 
-    async def aclose(self) -> None:
-        """Release the batcher's thread and the store."""
+    def constitution(self, policy: Policy) -> Constitution:
+        """The constitution `policy` names (validated at start)."""
+        return self.constitutions[policy.constitution]
+
+    def blocking_prefilter_rules(self, text: str) -> list[str]:
+        """Ids of blocking prefilter rules that match `text` (re-checks critic revisions)."""
+        hits = self.prefilter.scan(normalize(text))
+        return [f"prefilter.{h.rule_id}" for h in hits if h.action is RuleAction.BLOCK]
+
+    def in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run `coroutine` after the response (shadow critic, records); errors are logged."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def aclose(self, *, timeout_s: float = 5.0) -> None:
+        """Let background work finish (bounded), then release threads, clients and files."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
         await self.batcher.aclose()
+        if isinstance(self.critic, LLMCritic):
+            await self.critic.aclose()
+        if self.generator is not None:
+            await self.generator.aclose()
         self.index.store.close()
+        self.records.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -60,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policy", default="", help="policy whose thresholds apply")
     evaluate.add_argument("--json", action="store_true", help="print the reports as JSON")
     evaluate.set_defaults(func=_eval)
+
+    export = commands.add_parser(
+        "export", help="write critic-approved training data as JSONL to standard output"
+    )
+    export.add_argument("kind", choices=["sft", "preferences"],
+                        help="sft: {prompt, response}; preferences: {prompt, chosen, rejected}")  # fmt: skip
+    _config_flags(export)
+    export.set_defaults(func=_export)
+
+    usage = commands.add_parser("usage", help="critic calls, tokens and cost recorded so far")
+    _config_flags(usage)
+    usage.add_argument("--policy", default=None, help="one policy only")
+    usage.set_defaults(func=_usage)
     return parser
 
 
@@ -135,6 +149,29 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps({k: [r.as_dict() for r in v] for k, v in reports.items()}, indent=1))
     else:
         print(format_reports(reports))
+    return 0
+
+
+def _records(args: argparse.Namespace):
+    from critic.records import CriticRecords
+
+    path = _load(args).data_dir / "critic.sqlite3"
+    if not path.is_file():
+        raise SystemExit(f"tierguard: no critic records at {path} (check --data-dir)")
+    return CriticRecords(path)
+
+
+def _export(args: argparse.Namespace) -> int:
+    records = _records(args)
+    pairs = records.sft_pairs() if args.kind == "sft" else records.preference_pairs()
+    for pair in pairs:
+        sys.stdout.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    totals = _records(args).usage(policy=args.policy)
+    print(json.dumps(dataclasses.asdict(totals), indent=1))
     return 0
 
 

@@ -3,8 +3,10 @@
 Sources, later ones winning: the defaults below, a YAML file (`--config` or
 `TIERGUARD_CONFIG`), environment variables (`TIERGUARD_HOST`,
 `TIERGUARD_PORT`, `TIERGUARD_DATA_DIR`, `TIERGUARD_MAX_TEXT_CHARS`,
-`TIERGUARD_DEFAULT_POLICY`), then command-line flags. A bad value fails
-loudly and names its field. Nothing here is read at import time.
+`TIERGUARD_DEFAULT_POLICY`, `TIERGUARD_CRITIC_MODEL`,
+`TIERGUARD_GENERATOR_MODEL`), then command-line flags. The LLM endpoints also
+honour the `openai` SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`. A bad
+value fails loudly and names its field. Nothing here is read at import time.
 
 Example file::
 
@@ -13,19 +15,24 @@ Example file::
       port: 50051
     data_dir: /var/lib/tierguard
     default_policy: default
+    critic:
+      model: gpt-4o-mini        # any OpenAI-compatible endpoint (OPENAI_BASE_URL)
     policies:
       default:
-        escalate_at: 0.5
+        escalate_at: 0.6
         block_at: 0.97
-      strict:
-        escalate_at: 0.3
-        block_at: 0.9
-        fallback_decision: block
+      payflow:
+        escalate_at: 0.45
+        constitution: payflow
+        critic_mode: sync       # sync | shadow | off
+        fail_mode: closed       # closed (BLOCK) | open (ALLOW, flagged)
+        max_rounds: 2
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,14 +41,18 @@ from typing import Any
 
 import yaml
 
-from router.decision import Decision, Thresholds
+from critic.chat import LLMSettings
+from critic.loop import FailMode
+from router.decision import Thresholds
 
 __all__ = [
     "DEFAULT_BLOCK_AT",
     "DEFAULT_ESCALATE_AT",
     "Config",
     "ConfigError",
+    "CriticMode",
     "EmbeddingConfig",
+    "LLMConfig",
     "Policy",
     "ServerConfig",
     "load_config",
@@ -56,6 +67,14 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the field at fault."""
 
 
+class CriticMode(enum.Enum):
+    """How a policy runs the critic tier."""
+
+    SYNC = "sync"  # the caller waits for the critic
+    SHADOW = "shadow"  # the caller gets the fail mode at once; the critic runs and is recorded
+    OFF = "off"  # escalations are resolved by the fail mode
+
+
 @dataclass(frozen=True)
 class Policy:
     """How checks under one policy name are decided.
@@ -65,8 +84,15 @@ class Policy:
         escalate_at: Risk at or above which a text goes to the critic tier.
         block_at: Risk at or above which a text is blocked without the critic.
         k: Nearest exemplars to consider (0: the scoring model's own k).
-        fallback_decision: The decision for an escalated text when the critic
-            tier cannot judge it ("block" or "allow"); marked as a fallback.
+        constitution: Name of the constitution the critic applies
+            (critic/constitutions/*.yaml).
+        critic_mode: sync, shadow or off.
+        fail_mode: What the critic tier answers when it cannot judge: closed
+            (BLOCK) or open (ALLOW); either way the verdict is flagged.
+        max_rounds: Most revisions the critic may attempt for one response.
+        critic_budget_ms: Time the critic tier may take when the caller sets
+            no deadline (a caller's deadline always wins if shorter).
+        record_texts: Whether critic records keep texts (else SHA-256 hashes).
         expose_evidence: Whether verdicts carry exemplar texts and raw
             similarities (ids and categories are always there). Off by
             default: a caller who sees similarities can probe the deny list.
@@ -76,7 +102,12 @@ class Policy:
     escalate_at: float = DEFAULT_ESCALATE_AT
     block_at: float = DEFAULT_BLOCK_AT
     k: int = 0
-    fallback_decision: Decision = Decision.BLOCK
+    constitution: str = "general"
+    critic_mode: CriticMode = CriticMode.SYNC
+    fail_mode: FailMode = FailMode.CLOSED
+    max_rounds: int = 2
+    critic_budget_ms: int = 15_000
+    record_texts: bool = True
     expose_evidence: bool = False
 
     @property
@@ -122,11 +153,70 @@ class EmbeddingConfig:
 
 
 @dataclass(frozen=True)
+class LLMConfig:
+    """An OpenAI-compatible model endpoint (the critic's, or the upstream generator's).
+
+    Attributes:
+        enabled: True or False forces it; None (default) turns it on when an
+            endpoint or key is configured here or in OPENAI_BASE_URL / OPENAI_API_KEY.
+        model: Model name.
+        base_url: Endpoint (else OPENAI_BASE_URL, else api.openai.com).
+        api_key: Key (else OPENAI_API_KEY). Prefer the environment to files.
+        call_timeout_s: Longest single HTTP call.
+        max_retries: Retries after 429, 5xx, timeouts and dropped connections.
+        circuit_failures: Consecutive failures that open the circuit breaker.
+        circuit_reset_s: Seconds before an open circuit lets a trial call through.
+        price_prompt_per_1m_usd: Price per million prompt tokens (cost accounting).
+        price_completion_per_1m_usd: Price per million completion tokens.
+        system_prompt: The generator's system prompt (ignored for the critic).
+    """
+
+    enabled: bool | None = None
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key: str | None = None
+    call_timeout_s: float = 10.0
+    max_retries: int = 2
+    circuit_failures: int = 5
+    circuit_reset_s: float = 30.0
+    price_prompt_per_1m_usd: float = 0.15
+    price_completion_per_1m_usd: float = 0.60
+    system_prompt: str = "You are a helpful assistant."
+
+    def is_enabled(self, environ: Mapping[str, str]) -> bool:
+        """Whether this endpoint should be used."""
+        if self.enabled is not None:
+            return self.enabled
+        return bool(
+            self.base_url or self.api_key or environ.get("OPENAI_BASE_URL")
+            or environ.get("OPENAI_API_KEY")
+        )  # fmt: skip
+
+    def settings(self, environ: Mapping[str, str]) -> LLMSettings:
+        """The critic package's settings for this endpoint."""
+        api_key = self.api_key or environ.get("OPENAI_API_KEY") or None
+        base_url = self.base_url or environ.get("OPENAI_BASE_URL") or None
+        return LLMSettings(
+            model=self.model,
+            base_url=base_url,
+            api_key=api_key or ("unused" if base_url else None),
+            call_timeout_s=self.call_timeout_s,
+            max_retries=self.max_retries,
+            circuit_failures=self.circuit_failures,
+            circuit_reset_s=self.circuit_reset_s,
+            price_prompt_per_1m_usd=self.price_prompt_per_1m_usd,
+            price_completion_per_1m_usd=self.price_completion_per_1m_usd,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to start."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    critic: LLMConfig = field(default_factory=LLMConfig)
+    generator: LLMConfig = field(default_factory=lambda: LLMConfig(enabled=False))
     data_dir: Path = Path("tierguard-data")
     default_policy: str = "default"
     policies: Mapping[str, Policy] = field(default_factory=lambda: {"default": Policy()})
@@ -150,6 +240,8 @@ _ENV = {
     "TIERGUARD_MAX_TEXT_CHARS": ("server", "max_text_chars"),
     "TIERGUARD_DATA_DIR": ("data_dir",),
     "TIERGUARD_DEFAULT_POLICY": ("default_policy",),
+    "TIERGUARD_CRITIC_MODEL": ("critic", "model"),
+    "TIERGUARD_GENERATOR_MODEL": ("generator", "model"),
 }
 
 
@@ -215,6 +307,10 @@ def _parse_config(raw: Mapping[str, Any]) -> Config:
     return Config(
         server=_parse_section("server", ServerConfig, raw.get("server") or {}),
         embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding") or {}),
+        critic=_parse_section("critic", LLMConfig, raw.get("critic") or {}),
+        generator=_parse_section(
+            "generator", LLMConfig, {"enabled": False, **(raw.get("generator") or {})}
+        ),
         data_dir=Path(str(raw.get("data_dir", Config.data_dir))),
         default_policy=str(raw.get("default_policy", "default")),
         policies=policies,
@@ -252,6 +348,9 @@ def _parse_section(where: str, cls: type, body: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+_ENUMS: dict[str, type[enum.Enum]] = {"CriticMode": CriticMode, "FailMode": FailMode}
+
+
 def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -269,6 +368,9 @@ def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
             if number < 0 or (where.endswith("port") and number > 65535):
                 raise ValueError("out of range")
             return number
+        if kind.endswith(" | None") and value is None:
+            return None
+        kind = kind.removesuffix(" | None")
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -277,12 +379,14 @@ def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
             if str(value).lower() in ("false", "no", "0", "off"):
                 return False
             raise ValueError("must be true or false")
-        if kind == "Decision":
-            decision = Decision(str(value).lower())
-            if decision is Decision.REVISE:
-                raise ValueError("must be 'block' or 'allow'")
-            return decision
-        if kind == "Path | None":
+        if kind in _ENUMS:
+            enum_type = _ENUMS[kind]
+            try:
+                return enum_type(str(value).lower())
+            except ValueError:
+                choices = " or ".join(repr(m.value) for m in enum_type)
+                raise ValueError(f"must be {choices}") from None
+        if kind == "Path":
             return Path(str(value)) if value else None
         return str(value)
     except (TypeError, ValueError) as exc:

@@ -5,6 +5,7 @@
     ├── PolicyNotFound(name)          -> NOT_FOUND + ErrorInfo(POLICY_NOT_FOUND)
     ├── Overloaded                    -> RESOURCE_EXHAUSTED + ErrorInfo(OVERLOADED)
     ├── DeadlineTooShort              -> DEADLINE_EXCEEDED + ErrorInfo(DEADLINE_TOO_SHORT)
+    ├── FailedPrecondition            -> FAILED_PRECONDITION + ErrorInfo(<reason>)
     └── Unavailable                   -> UNAVAILABLE + ErrorInfo(<reason>)
 
 Servicers raise these; `interceptors.ErrorInterceptor` turns them into
@@ -21,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 __all__ = [
     "ERROR_DOMAIN",
     "DeadlineTooShort",
+    "FailedPrecondition",
     "GatewayError",
     "InvalidArgument",
     "Overloaded",
@@ -98,6 +100,16 @@ class DeadlineTooShort(GatewayError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_TOO_SHORT"
+
+
+class FailedPrecondition(GatewayError):
+    """The server is not set up for this call (e.g. Generate without a generator)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, reason: str = "FAILED_PRECONDITION") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unavailable(GatewayError):

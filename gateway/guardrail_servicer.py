@@ -1,4 +1,4 @@
-"""GuardrailService over gRPC: validate, resolve the policy, run the pipeline, convert."""
+"""GuardrailService over gRPC: validate, resolve the policy, set the deadline, run, convert."""
 
 from __future__ import annotations
 
@@ -7,20 +7,24 @@ import time
 
 import grpc
 
+from critic.types import Deadline
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.app import Gateway
+from gateway.config import Policy
 from gateway.convert import verdict_to_proto
 from gateway.errors import DeadlineTooShort, InvalidArgument
 from gateway.interceptors import REQUEST_ID
-from gateway.pipeline import check_prompt
+from gateway.pipeline import CheckResult, check_prompt, check_response, generate
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
 
 log = logging.getLogger(__name__)
 
 POLICY_METADATA_KEY = "x-tierguard-policy"
-_MIN_DEADLINE_S = 0.001
+# Answer this much before the caller's deadline, so a fail-mode verdict arrives in time.
+_DEADLINE_MARGIN_S = 0.05
+_DEADLINE_MARGIN_SHARE = 0.1
 
 
 class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
@@ -33,37 +37,93 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self, request: pb.CheckPromptRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckPromptResponse:
         start = time.perf_counter()
-        text = self._validated_text(request.text)
-        policy = self._gateway.resolve_policy(
-            request.policy, _metadata(context, POLICY_METADATA_KEY)
+        text = self._validated("text", request.text)
+        policy = self._policy(request.policy, context)
+        deadline = self._deadline(policy, context)
+        result = await check_prompt(
+            self._gateway, text, policy, request_id=REQUEST_ID.get(), deadline=deadline
         )
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < _MIN_DEADLINE_S:
-            raise DeadlineTooShort("the call's deadline expired before the check could start")
-        result = await check_prompt(self._gateway, text, policy)
-        total_ms = (time.perf_counter() - start) * 1000.0
-        verdict = verdict_to_proto(
-            result, request_id=REQUEST_ID.get(), total_ms=total_ms, store=self._gateway.index.store
-        )
-        log.info(
-            "check_prompt request_id=%s policy=%s decision=%s tier=%s risk=%.3f escalated=%s "
-            "fallback=%s total_ms=%.1f",
-            verdict.request_id, policy.name, result.decision.value, result.decided_by.value,
-            result.route.risk_score, result.escalated, result.fallback_applied, total_ms,
-        )  # fmt: skip
-        return pb.CheckPromptResponse(verdict=verdict)
+        return pb.CheckPromptResponse(verdict=self._verdict("check_prompt", result, start))
 
-    def _validated_text(self, text: str) -> str:
+    async def CheckResponse(
+        self, request: pb.CheckResponseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckResponseResponse:
+        start = time.perf_counter()
+        prompt = self._validated("prompt", request.prompt)
+        response = self._validated("response", request.response)
+        policy = self._policy(request.policy, context)
+        deadline = self._deadline(policy, context)
+        result = await check_response(
+            self._gateway, prompt, response, policy, request_id=REQUEST_ID.get(),
+            deadline=deadline,
+        )  # fmt: skip
+        return pb.CheckResponseResponse(
+            verdict=self._verdict("check_response", result, start), final_text=result.final_text
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        start = time.perf_counter()
+        prompt = self._validated("prompt", request.prompt)
+        policy = self._policy(request.policy, context)
+        deadline = self._deadline(policy, context)
+        result = await generate(
+            self._gateway, prompt, policy, request_id=REQUEST_ID.get(), deadline=deadline
+        )
+        reply = pb.GenerateResponse(
+            prompt_verdict=self._verdict("generate.prompt", result.prompt, start),
+            final_text=result.final_text,
+        )
+        if result.response is not None:
+            reply.response_verdict.CopyFrom(
+                self._verdict("generate.response", result.response, start, result.generate_ms)
+            )
+        return reply
+
+    def _validated(self, field: str, text: str) -> str:
         if not text.strip():
-            raise InvalidArgument("text", "must contain at least one non-whitespace character")
+            raise InvalidArgument(field, "must contain at least one non-whitespace character")
         limit = self._gateway.config.server.max_text_chars
         if len(text) > limit:
             raise InvalidArgument(
-                "text",
+                field,
                 f"is {len(text)} characters long; the limit is {limit}: send a shorter text "
                 "or split it into parts",
             )
         return text
+
+    def _policy(self, requested: str, context: grpc.aio.ServicerContext) -> Policy:
+        return self._gateway.resolve_policy(requested, _metadata(context, POLICY_METADATA_KEY))
+
+    @staticmethod
+    def _deadline(policy: Policy, context: grpc.aio.ServicerContext) -> Deadline:
+        """The critic tier's deadline: the policy's budget, cut short by the caller's deadline."""
+        budget = policy.critic_budget_ms / 1000.0
+        remaining = context.time_remaining()
+        if remaining is None:
+            return Deadline(budget)
+        if remaining <= 0.001:
+            raise DeadlineTooShort("the call's deadline expired before the check could start")
+        margin = max(_DEADLINE_MARGIN_S, _DEADLINE_MARGIN_SHARE * remaining)
+        return Deadline(min(budget, remaining - margin))
+
+    def _verdict(
+        self, rpc: str, result: CheckResult, start: float, generate_ms: float = 0.0
+    ) -> pb.Verdict:
+        total_ms = (time.perf_counter() - start) * 1000.0
+        verdict = verdict_to_proto(
+            result, request_id=REQUEST_ID.get(), total_ms=total_ms,
+            store=self._gateway.index.store, generate_ms=generate_ms,
+        )  # fmt: skip
+        log.info(
+            "%s request_id=%s policy=%s decision=%s tier=%s risk=%.3f escalated=%s "
+            "fallback=%s total_ms=%.1f",
+            rpc, verdict.request_id, result.policy.name, result.decision.value,
+            result.decided_by.value, result.route.risk_score, result.escalated,
+            result.fail_reason or "-", total_ms,
+        )  # fmt: skip
+        return verdict
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:

@@ -18,13 +18,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from critic.loop import FailMode
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.app import Gateway
-from gateway.config import Config, Policy, ServerConfig
+from gateway.config import Config, CriticMode, LLMConfig, Policy, ServerConfig
 from gateway.server import RunningServer, start_server
 from router.normalize import normalized_text
+from tests.fakes.openai_server import FakeOpenAI
 
 
 @pytest.fixture(autouse=True)
@@ -63,10 +65,26 @@ def data_dir(seeded_store_file: Path, tmp_path: Path) -> Path:
 
 
 def make_config(data_dir: Path, **changes: object) -> Config:
-    """A config on `data_dir` with two policies: the default and an evidence-exposing one."""
+    """A config on `data_dir` with policies for every critic setting the tests need."""
     policies = {
         "default": Policy(name="default"),
         "transparent": Policy(name="transparent", expose_evidence=True),
+        "payflow": Policy(name="payflow", constitution="payflow"),
+        "open": Policy(name="open", constitution="payflow", fail_mode=FailMode.OPEN),
+        "one-round": Policy(name="one-round", constitution="payflow", max_rounds=1),
+        "private": Policy(name="private", constitution="payflow", record_texts=False),
+        # every prompt goes to the critic tier, whatever the router's score
+        "critic-all": Policy(name="critic-all", escalate_at=0.0, block_at=1.0),
+        "critic-all-shadow": Policy(
+            name="critic-all-shadow", escalate_at=0.0, block_at=1.0, critic_mode=CriticMode.SHADOW
+        ),
+        "critic-all-off": Policy(
+            name="critic-all-off",
+            escalate_at=0.0,
+            block_at=1.0,
+            critic_mode=CriticMode.OFF,
+            fail_mode=FailMode.OPEN,
+        ),
     }
     values: dict[str, object] = {
         "data_dir": data_dir,
@@ -86,6 +104,48 @@ async def server(
     running = await start_server(gateway, port=0)
     yield running
     await running.stop(grace_seconds=0)
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeOpenAI]:
+    """An OpenAI-compatible server on loopback; fails the test if called beyond its script."""
+    with FakeOpenAI() as fake:
+        yield fake
+        fake.assert_no_surprises()
+
+
+def llm_config(fake: FakeOpenAI, **changes: object) -> LLMConfig:
+    """Critic (or generator) settings pointing at the fake."""
+    values: dict[str, object] = {
+        "enabled": True, "base_url": fake.base_url, "api_key": "test-key",
+        "model": "fake-critic", "call_timeout_s": 5.0, "max_retries": 1,
+        "circuit_failures": 3, "circuit_reset_s": 60.0,
+    }  # fmt: skip
+    values.update(changes)
+    return LLMConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def llm_server(
+    data_dir: Path, embedder: SentenceTransformerEmbedder, fake_llm: FakeOpenAI
+) -> AsyncIterator[RunningServer]:
+    """A running gateway whose critic and generator are the fake LLM."""
+    config = make_config(
+        data_dir,
+        critic=llm_config(fake_llm),
+        generator=llm_config(fake_llm, model="fake-generator"),
+    )
+    gateway = Gateway.create(config, embedder=embedder)
+    running = await start_server(gateway, port=0)
+    yield running
+    await running.stop(grace_seconds=0)
+
+
+@pytest.fixture
+async def llm_stub(llm_server: RunningServer) -> AsyncIterator[pb_grpc.GuardrailServiceStub]:
+    """A GuardrailService stub on the LLM-backed gateway."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{llm_server.port}") as chan:
+        yield pb_grpc.GuardrailServiceStub(chan)
 
 
 @pytest.fixture

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULT_BLOCK_AT, DEFAULT_ESCALATE_AT, ConfigError, load_config
-from router.decision import Decision
+from critic.loop import FailMode
+from gateway.config import (
+    DEFAULT_BLOCK_AT,
+    DEFAULT_ESCALATE_AT,
+    ConfigError,
+    CriticMode,
+    load_config,
+)
 
 
 def test_defaults_need_no_file_and_no_environment() -> None:
@@ -15,7 +21,9 @@ def test_defaults_need_no_file_and_no_environment() -> None:
     policy = config.policies["default"]
     assert config.default_policy == "default"
     assert (policy.escalate_at, policy.block_at) == (DEFAULT_ESCALATE_AT, DEFAULT_BLOCK_AT)
-    assert policy.fallback_decision is Decision.BLOCK and not policy.expose_evidence
+    assert policy.fail_mode is FailMode.CLOSED and policy.critic_mode is CriticMode.SYNC
+    assert policy.constitution == "general" and not policy.expose_evidence
+    assert not config.critic.is_enabled({}) and not config.generator.is_enabled({})
 
 
 def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
@@ -25,15 +33,18 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
         "data_dir: /srv/tg\n"
         "default_policy: strict\n"
         "policies:\n"
-        "  strict: {escalate_at: 0.2, block_at: 0.8, fallback_decision: block}\n"
-        "  lenient: {escalate_at: 0.7, fallback_decision: allow, expose_evidence: true}\n"
+        "  strict: {escalate_at: 0.2, block_at: 0.8, fail_mode: closed}\n"
+        "  lenient: {escalate_at: 0.7, fail_mode: open, expose_evidence: true,\n"
+        "            critic_mode: shadow, constitution: payflow, max_rounds: 3}\n"
     )
     config = load_config(path, environ={"TIERGUARD_PORT": "7000"}, overrides={"data_dir": "/x"})
     assert config.server.port == 7000 and config.server.host == "0.0.0.0"
     assert config.data_dir == Path("/x")
     assert config.default_policy == "strict"
     assert config.policies["strict"].thresholds.escalate_at == 0.2
-    assert config.policies["lenient"].fallback_decision is Decision.ALLOW
+    lenient = config.policies["lenient"]
+    assert lenient.fail_mode is FailMode.OPEN and lenient.critic_mode is CriticMode.SHADOW
+    assert lenient.constitution == "payflow" and lenient.max_rounds == 3
     assert config.policies["lenient"].expose_evidence is True
     assert config.policies["lenient"].name == "lenient"
 
@@ -52,10 +63,10 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("server: {colour: red}", "server.colour"),
         ("policies: {p: {escalate_at: 1.5}}\ndefault_policy: p", "policies.p.escalate_at"),
         ("policies: {p: {escalate_at: 0.9, block_at: 0.5}}\ndefault_policy: p", "policies.p"),
-        (
-            "policies: {p: {fallback_decision: revise}}\ndefault_policy: p",
-            "policies.p.fallback_decision",
-        ),
+        ("policies: {p: {fail_mode: maybe}}\ndefault_policy: p", "policies.p.fail_mode"),
+        ("policies: {p: {critic_mode: later}}\ndefault_policy: p", "policies.p.critic_mode"),
+        ("policies: {p: {max_rounds: 1.5}}\ndefault_policy: p", "policies.p.max_rounds"),
+        ("critic: {call_timeout_s: -1}", "critic.call_timeout_s"),
         ("policies: {p: {}}\ndefault_policy: q", "default_policy"),
         ("surprise: 1", "surprise"),
         ("- a list", "top level"),
@@ -72,3 +83,28 @@ def test_bad_values_name_their_field(tmp_path: Path, body: str, field: str) -> N
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_critic_endpoint_comes_from_the_sdk_environment_and_model_from_ours() -> None:
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "TIERGUARD_CRITIC_MODEL": "llama3"}
+    config = load_config(environ=env)
+    assert config.critic.is_enabled(env) and config.critic.model == "llama3"
+    settings = config.critic.settings(env)
+    assert settings.base_url == "http://127.0.0.1:9/v1" and settings.api_key == "unused"
+    assert not config.generator.is_enabled(env)  # the generator is opt-in
+
+
+def test_critic_can_be_forced_off(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("critic: {enabled: false}\n")
+    env = {"OPENAI_API_KEY": "sk-test"}
+    assert not load_config(path, environ=env).critic.is_enabled(env)
+
+
+def test_a_policy_naming_an_unknown_constitution_stops_the_gateway(tmp_path: Path) -> None:
+    from gateway.app import Gateway
+
+    path = tmp_path / "c.yaml"
+    path.write_text("policies: {default: {constitution: martian}}\n")
+    with pytest.raises(ConfigError, match=r"policies\.default\.constitution: 'martian'"):
+        Gateway.create(load_config(path, environ={}), environ={})

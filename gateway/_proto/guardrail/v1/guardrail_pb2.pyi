@@ -28,6 +28,19 @@ class Label(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABEL_RISKY: _ClassVar[Label]
     LABEL_BENIGN: _ClassVar[Label]
 
+class CriticMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CRITIC_MODE_UNSPECIFIED: _ClassVar[CriticMode]
+    CRITIC_MODE_SYNC: _ClassVar[CriticMode]
+    CRITIC_MODE_SHADOW: _ClassVar[CriticMode]
+    CRITIC_MODE_OFF: _ClassVar[CriticMode]
+
+class FailMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAIL_MODE_UNSPECIFIED: _ClassVar[FailMode]
+    FAIL_MODE_CLOSED: _ClassVar[FailMode]
+    FAIL_MODE_OPEN: _ClassVar[FailMode]
+
 class PrefilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PREFILTER_ACTION_UNSPECIFIED: _ClassVar[PrefilterAction]
@@ -44,6 +57,13 @@ TIER_CRITIC: Tier
 LABEL_UNSPECIFIED: Label
 LABEL_RISKY: Label
 LABEL_BENIGN: Label
+CRITIC_MODE_UNSPECIFIED: CriticMode
+CRITIC_MODE_SYNC: CriticMode
+CRITIC_MODE_SHADOW: CriticMode
+CRITIC_MODE_OFF: CriticMode
+FAIL_MODE_UNSPECIFIED: FailMode
+FAIL_MODE_CLOSED: FailMode
+FAIL_MODE_OPEN: FailMode
 PREFILTER_ACTION_UNSPECIFIED: PrefilterAction
 PREFILTER_ACTION_BLOCK: PrefilterAction
 PREFILTER_ACTION_SIGNAL: PrefilterAction
@@ -62,8 +82,44 @@ class CheckPromptResponse(_message.Message):
     verdict: Verdict
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
+class CheckResponseRequest(_message.Message):
+    __slots__ = ("prompt", "response", "policy")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    response: str
+    policy: str
+    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class CheckResponseResponse(_message.Message):
+    __slots__ = ("verdict", "final_text")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    final_text: str
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., final_text: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "policy")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    policy: str
+    def __init__(self, prompt: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("prompt_verdict", "response_verdict", "final_text")
+    PROMPT_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    prompt_verdict: Verdict
+    response_verdict: Verdict
+    final_text: str
+    def __init__(self, prompt_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., response_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., final_text: _Optional[str] = ...) -> None: ...
+
 class Verdict(_message.Message):
-    __slots__ = ("decision", "decided_by", "risk_score", "escalated", "thresholds", "policy", "index_version", "request_id", "nearest_exemplars", "prefilter_hits", "timings", "reason", "normalizations", "fallback_applied")
+    __slots__ = ("decision", "decided_by", "risk_score", "escalated", "thresholds", "policy", "index_version", "request_id", "nearest_exemplars", "prefilter_hits", "timings", "reason", "normalizations", "fallback_applied", "fallback_reason", "violated_rule_ids", "critique", "critic", "constitution", "critic_mode")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     RISK_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +134,12 @@ class Verdict(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATIONS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    VIOLATED_RULE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CRITIQUE_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_FIELD_NUMBER: _ClassVar[int]
+    CONSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    CRITIC_MODE_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     decided_by: Tier
     risk_score: float
@@ -92,7 +154,33 @@ class Verdict(_message.Message):
     reason: str
     normalizations: _containers.RepeatedScalarFieldContainer[str]
     fallback_applied: bool
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decided_by: _Optional[_Union[Tier, str]] = ..., risk_score: _Optional[float] = ..., escalated: _Optional[bool] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., policy: _Optional[str] = ..., index_version: _Optional[int] = ..., request_id: _Optional[str] = ..., nearest_exemplars: _Optional[_Iterable[_Union[ExemplarMatch, _Mapping]]] = ..., prefilter_hits: _Optional[_Iterable[_Union[PrefilterHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., normalizations: _Optional[_Iterable[str]] = ..., fallback_applied: _Optional[bool] = ...) -> None: ...
+    fallback_reason: str
+    violated_rule_ids: _containers.RepeatedScalarFieldContainer[str]
+    critique: str
+    critic: CriticReport
+    constitution: str
+    critic_mode: CriticMode
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decided_by: _Optional[_Union[Tier, str]] = ..., risk_score: _Optional[float] = ..., escalated: _Optional[bool] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., policy: _Optional[str] = ..., index_version: _Optional[int] = ..., request_id: _Optional[str] = ..., nearest_exemplars: _Optional[_Iterable[_Union[ExemplarMatch, _Mapping]]] = ..., prefilter_hits: _Optional[_Iterable[_Union[PrefilterHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., normalizations: _Optional[_Iterable[str]] = ..., fallback_applied: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., violated_rule_ids: _Optional[_Iterable[str]] = ..., critique: _Optional[str] = ..., critic: _Optional[_Union[CriticReport, _Mapping]] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[CriticMode, str]] = ...) -> None: ...
+
+class CriticReport(_message.Message):
+    __slots__ = ("kind", "model", "rounds", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "notes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    model: str
+    rounds: int
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., model: _Optional[str] = ..., rounds: _Optional[int] = ..., calls: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Thresholds(_message.Message):
     __slots__ = ("escalate_at", "block_at")
@@ -133,17 +221,19 @@ class PrefilterHit(_message.Message):
     def __init__(self, rule_id: _Optional[str] = ..., category: _Optional[str] = ..., action: _Optional[_Union[PrefilterAction, str]] = ..., weight: _Optional[float] = ..., view: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("normalize_ms", "prefilter_ms", "embed_ms", "search_ms", "critic_ms", "total_ms")
+    __slots__ = ("normalize_ms", "prefilter_ms", "embed_ms", "search_ms", "critic_ms", "total_ms", "generate_ms")
     NORMALIZE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILTER_MS_FIELD_NUMBER: _ClassVar[int]
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
     CRITIC_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
     normalize_ms: float
     prefilter_ms: float
     embed_ms: float
     search_ms: float
     critic_ms: float
     total_ms: float
-    def __init__(self, normalize_ms: _Optional[float] = ..., prefilter_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., critic_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    generate_ms: float
+    def __init__(self, normalize_ms: _Optional[float] = ..., prefilter_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., critic_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ...) -> None: ...

@@ -41,6 +41,16 @@ class GuardrailServiceStub:
                 request_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckPromptRequest.SerializeToString,
                 response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckPromptResponse.FromString,
                 _registered_method=True)
+        self.CheckResponse = channel.unary_unary(
+                '/guardrail.v1.GuardrailService/CheckResponse',
+                request_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckResponseRequest.SerializeToString,
+                response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckResponseResponse.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/guardrail.v1.GuardrailService/Generate',
+                request_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GuardrailServiceServicer:
@@ -50,8 +60,24 @@ class GuardrailServiceServicer:
     def CheckPrompt(self, request, context):
         """Routes a user's prompt through the prefilter (tier 0) and embedding
         (tier 1) tiers; risky prompts go on to the critic tier (tier 2).
-        Planned with the critic tier: CheckResponse (a draft answer with its
-        prompt) and Generate (route, generate, critique, revise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckResponse(self, request, context):
+        """Checks a model's draft answer to a prompt. Cheap output detectors run on
+        every draft; the critique -> revise -> re-check loop runs only when the
+        prompt's risk or a detector calls for it. Otherwise the draft passes
+        untouched and `final_text` equals it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """The whole pipeline in one call: route the prompt, call the upstream
+        generator model, then check its answer as CheckResponse does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,6 +90,16 @@ def add_GuardrailServiceServicer_to_server(servicer, server):
                     servicer.CheckPrompt,
                     request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckPromptRequest.FromString,
                     response_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckPromptResponse.SerializeToString,
+            ),
+            'CheckResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckResponse,
+                    request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckResponseRequest.FromString,
+                    response_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckResponseResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.FromString,
+                    response_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +130,60 @@ class GuardrailService:
             '/guardrail.v1.GuardrailService/CheckPrompt',
             guardrail_dot_v1_dot_guardrail__pb2.CheckPromptRequest.SerializeToString,
             guardrail_dot_v1_dot_guardrail__pb2.CheckPromptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardrail.v1.GuardrailService/CheckResponse',
+            guardrail_dot_v1_dot_guardrail__pb2.CheckResponseRequest.SerializeToString,
+            guardrail_dot_v1_dot_guardrail__pb2.CheckResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardrail.v1.GuardrailService/Generate',
+            guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.SerializeToString,
+            guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
