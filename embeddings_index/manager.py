@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,26 @@ import numpy as np
 from embeddings_index.embedder import Embedder
 from embeddings_index.faiss_index import ExemplarIndex, IndexHolder
 from embeddings_index.starter import STARTER_DIR, sync_starter_pack
-from embeddings_index.store import Exemplar, ExemplarStore
+from embeddings_index.store import Exemplar, ExemplarStore, text_key
 
-__all__ = ["IndexManager"]
+__all__ = ["AddOutcome", "IndexManager"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AddOutcome:
+    """What happened to one exemplar of a checked add.
+
+    Attributes:
+        status: "added", "duplicate" or "near_duplicate".
+        exemplar_id: The new exemplar's id, or the one it duplicates.
+        similarity: Cosine similarity to that exemplar (duplicates: 1.0).
+    """
+
+    status: str
+    exemplar_id: str
+    similarity: float
 
 
 class IndexManager:
@@ -36,7 +51,7 @@ class IndexManager:
         self.store = store
         self.embedder = embedder
         self.prepare = prepare
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self._holder = IndexHolder(self._build())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -110,6 +125,64 @@ class IndexManager:
             version = self.store.add(exemplars, vectors, embedding_model=self.embedder.model_id)
             self.refresh()
         return version
+
+    def add_checked(
+        self, exemplars: Sequence[Exemplar], *, near_duplicate_similarity: float
+    ) -> tuple[list[AddOutcome], int]:
+        """Add what is new; report exact and near duplicates (of live exemplars or of the batch).
+
+        Returns:
+            (one outcome per exemplar, in order; the index version afterwards).
+        """
+        vectors = self.encode([e.text for e in exemplars])
+        with self._write_lock:  # checks and write in one step: no race between two admins
+            return self._add_new(exemplars, vectors, near_duplicate_similarity)
+
+    def _add_new(
+        self, exemplars: Sequence[Exemplar], vectors: np.ndarray, threshold: float
+    ) -> tuple[list[AddOutcome], int]:
+        existing = self.store.find_by_text([e.text for e in exemplars])
+        index = self.index
+        nearest = index.search(vectors, 1) if len(index) else []
+        outcomes: list[AddOutcome] = []
+        keep: list[int] = []
+        seen_keys: dict[str, int] = {}
+        for i, exemplar in enumerate(exemplars):
+            key = text_key(exemplar.text)
+            if key in existing:
+                outcomes.append(AddOutcome("duplicate", existing[key].id, 1.0))
+            elif key in seen_keys:
+                outcomes.append(AddOutcome("duplicate", outcomes[seen_keys[key]].exemplar_id, 1.0))
+            elif (
+                nearest and len(nearest[i].positions) and (nearest[i].similarities[0] >= threshold)
+            ):
+                position = int(nearest[i].positions[0])
+                similarity = float(nearest[i].similarities[0])
+                outcomes.append(AddOutcome("near_duplicate", index.ids[position], similarity))
+            else:
+                within = [j for j in keep if float(vectors[i] @ vectors[j]) >= threshold]
+                if within:
+                    similarity = float(vectors[i] @ vectors[within[0]])
+                    outcomes.append(
+                        AddOutcome("near_duplicate", outcomes[within[0]].exemplar_id, similarity)
+                    )
+                else:
+                    exemplar_id = exemplar.id or f"ex-{uuid.uuid4().hex[:16]}"
+                    outcomes.append(AddOutcome("added", exemplar_id, 0.0))
+                    keep.append(i)
+                    seen_keys[key] = i
+        if not keep:
+            return outcomes, self.index.version
+        added = [replace(exemplars[i], id=outcomes[i].exemplar_id) for i in keep]
+        version = self.add(added, vectors[keep])
+        return outcomes, version
+
+    def rollback(self, to_version: int) -> tuple[int, int, int]:
+        """Restore the exemplar set of `to_version` as a new version and swap it in."""
+        with self._write_lock:
+            result = self.store.rollback(to_version)
+            self.refresh()
+        return result
 
     def delete(self, exemplar_id: str) -> int | None:
         """Remove an exemplar durably and swap in an index without it; None if it was not live."""

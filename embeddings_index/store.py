@@ -6,8 +6,9 @@ its embedding (and the id of the model that made it), so the index is rebuilt
 at start without re-encoding anything.
 
 Every change bumps the index version. Exemplars are never deleted outright:
-they carry the version that added them and the version that removed them, so
-any earlier version of the index can be reconstructed (and rolled back to).
+they carry the version that added them and the version that removed them, and
+an event table records every add and remove, so the exemplar set of any
+earlier version can be reconstructed and rolled back to (as a new version).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ CREATE TABLE IF NOT EXISTS exemplars (
 CREATE INDEX IF NOT EXISTS exemplars_live ON exemplars (deleted_version, label, category);
 CREATE INDEX IF NOT EXISTS exemplars_text_key ON exemplars (text_key);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS exemplar_events (
+    version INTEGER NOT NULL,
+    row_id INTEGER NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('add', 'remove'))
+);
+CREATE INDEX IF NOT EXISTS exemplar_events_row ON exemplar_events (row_id, version);
 CREATE TABLE IF NOT EXISTS proposals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     text TEXT NOT NULL,
@@ -211,6 +218,11 @@ class ExemplarStore:
                     for i, e in enumerate(exemplars)
                 ],
             )  # fmt: skip
+            conn.execute(
+                "INSERT INTO exemplar_events (version, row_id, action) "
+                "SELECT ?, row_id, 'add' FROM exemplars WHERE added_version = ?",
+                (version, version),
+            )
         return version
 
     def delete(self, exemplar_id: str) -> int | None:
@@ -223,10 +235,61 @@ class ExemplarStore:
             if row is None:
                 return None
             version = self._bump_version(conn)
-            conn.execute(
-                "UPDATE exemplars SET deleted_version = ? WHERE row_id = ?", (version, row[0])
-            )
+            _set_live(conn, version, removed=[row[0]], restored=[])
         return version
+
+    def rollback(self, to_version: int) -> tuple[int, int, int]:
+        """Make the live set what it was at `to_version`, as a new version.
+
+        Returns:
+            (new version, exemplars removed, exemplars restored).
+
+        Raises:
+            StoreError: `to_version` is not an earlier version of this store.
+        """
+        with self._transaction() as conn:
+            current = int((conn.execute(
+                "SELECT value FROM meta WHERE key = 'index_version'").fetchone() or [0])[0])  # fmt: skip
+            if not 0 <= to_version < current:
+                raise StoreError(f"to_version must be an earlier version, in [0, {current - 1}]")
+            then = {
+                row_id
+                for row_id, action in conn.execute(
+                    "SELECT row_id, action FROM exemplar_events e WHERE version = ("
+                    "  SELECT MAX(version) FROM exemplar_events WHERE row_id = e.row_id "
+                    "  AND version <= ?)",
+                    (to_version,),
+                )
+                if action == "add"
+            }
+            now = {r[0] for r in conn.execute(
+                "SELECT row_id FROM exemplars WHERE deleted_version IS NULL")}  # fmt: skip
+            removed, restored = sorted(now - then), sorted(then - now)
+            version = self._bump_version(conn)
+            _set_live(conn, version, removed=removed, restored=restored)
+        return version, len(removed), len(restored)
+
+    def review_proposal(self, proposal_id: int, *, accept: bool, reviewer: str) -> Exemplar:
+        """Mark a pending proposal accepted or rejected; returns it (the caller adds it).
+
+        Raises:
+            StoreError: no pending proposal has this id.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT text, label, category, source, added_by, reason, created_at "
+                "FROM proposals WHERE id = ? AND status = 'pending'",
+                (proposal_id,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no pending proposal {proposal_id}")
+            conn.execute(
+                "UPDATE proposals SET status = ?, decided_by = ?, decided_at = ? WHERE id = ?",
+                ("accepted" if accept else "rejected", reviewer, time.time(), proposal_id),
+            )
+        text, label, category, source, added_by, reason, created_at = row
+        return Exemplar(id="", text=text, label=label, category=category, source=source,
+                        added_by=added_by, reason=reason, created_at=created_at)  # fmt: skip
 
     def propose(self, exemplar: Exemplar) -> bool:
         """Queue a candidate exemplar for an admin's review; False if already known or queued.
@@ -386,6 +449,22 @@ class ExemplarStore:
             "GROUP BY label, category"
         )
         return {(label, category): int(n) for label, category, n in rows}
+
+
+def _set_live(
+    conn: sqlite3.Connection, version: int, *, removed: Sequence[int], restored: Sequence[int]
+) -> None:
+    """Remove and restore rows at `version`, recording the events."""
+    conn.executemany(
+        "UPDATE exemplars SET deleted_version = ? WHERE row_id = ?", [(version, r) for r in removed]
+    )
+    conn.executemany(
+        "UPDATE exemplars SET deleted_version = NULL WHERE row_id = ?", [(r,) for r in restored]
+    )
+    conn.executemany(
+        "INSERT INTO exemplar_events (version, row_id, action) VALUES (?, ?, ?)",
+        [(version, r, "remove") for r in removed] + [(version, r, "add") for r in restored],
+    )
 
 
 def _existing_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[str]:

@@ -26,8 +26,13 @@ from critic.types import Critic
 from embeddings_index.batching import BatchingConfig, MicroBatcher
 from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
-from gateway.config import Config, ConfigError, Policy
-from gateway.errors import PolicyNotFound
+from gateway.admin_state import AdminState
+from gateway.auth import Credentials, Principal, Role
+from gateway.config import Config, Policy
+from gateway.decision_log import DecisionLog
+from gateway.errors import PermissionDenied, PolicyNotFound
+from gateway.policies import PolicyRegistry
+from gateway.stats import TrafficStats
 from router.normalize import normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
 from router.router import Router
@@ -52,6 +57,11 @@ class Gateway:
     critic: Critic
     local_critic: LocalCritic
     records: CriticRecords
+    admin_state: AdminState
+    policies: PolicyRegistry
+    credentials: Credentials
+    decisions: DecisionLog
+    stats: TrafficStats = field(default_factory=TrafficStats)
     generator: Generator | None = None
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -70,12 +80,12 @@ class Gateway:
         """
         env = os.environ if environ is None else environ
         constitutions = load_constitutions()
-        for policy in config.policies.values():
-            if policy.constitution not in constitutions:
-                raise ConfigError(
-                    f"policies.{policy.name}.constitution: {policy.constitution!r} is not one "
-                    f"of {sorted(constitutions)}"
-                )
+        admin_state = AdminState(config.data_dir / "admin.sqlite3")
+        try:
+            policies = PolicyRegistry(config, admin_state, constitutions)
+        except Exception:
+            admin_state.close()
+            raise
         if embedder is None:
             embedder = SentenceTransformerEmbedder(config.embedding.model_path)
         index = IndexManager.open(config.data_dir, embedder, prepare=normalized_text)
@@ -121,20 +131,42 @@ class Gateway:
             critic=critic,
             local_critic=local,
             records=CriticRecords(config.data_dir / "critic.sqlite3"),
+            admin_state=admin_state,
+            policies=policies,
+            credentials=Credentials(config),
+            decisions=DecisionLog(config.data_dir / "decisions.sqlite3"),
             generator=generator,
         )
 
-    def resolve_policy(self, *names: str) -> Policy:
-        """The first non-empty name's policy, else the default policy.
+    def resolve_policy(self, *names: str, principal: Principal | None = None) -> Policy:
+        """The first non-empty name's policy, else the caller's (a tenant's) or the default.
 
         Raises:
             PolicyNotFound: the first non-empty name is not a policy.
+            PermissionDenied: a tenant named a policy it may not use.
         """
-        name = next((n for n in names if n), self.config.default_policy)
-        policy = self.config.policy(name)
+        tenant = principal if principal is not None and principal.role is Role.TENANT else None
+        fallback = tenant.policy if tenant else self.policies.default_name
+        name = next((n for n in names if n), fallback)
+        policy = self.policies.get(name)
         if policy is None:
-            raise PolicyNotFound(name, list(self.config.policies))
+            raise PolicyNotFound(name, [p.name for p in self.policies.all()])
+        if tenant and name not in tenant.allowed_policies:
+            raise PermissionDenied(
+                f"tenant {tenant.name!r} may not use policy {name!r}; "
+                f"allowed: {', '.join(tenant.allowed_policies)}"
+            )
         return policy
+
+    def reload(self, config: Config) -> None:
+        """Take a re-read config: policies, tenants and admin tokens (listeners stay as they are).
+
+        Raises:
+            ConfigError: the new config is invalid; the old one stays in force.
+        """
+        self.policies.load(config)
+        self.credentials = Credentials(config)
+        self.config = config
 
     def constitution(self, policy: Policy) -> Constitution:
         """The constitution `policy` names (validated at start)."""
@@ -167,3 +199,5 @@ class Gateway:
             await self.generator.aclose()
         self.index.store.close()
         self.records.close()
+        self.decisions.close()
+        self.admin_state.close()

@@ -74,6 +74,38 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(usage)
     usage.add_argument("--policy", default=None, help="one policy only")
     usage.set_defaults(func=_usage)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="recommend thresholds for a recall target or an escalation budget"
+    )
+    _config_flags(calibrate)
+    calibrate.add_argument("--data", action="extend", nargs="+", required=True, type=Path,
+                           metavar="FILE", help="labelled JSONL files")  # fmt: skip
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-recall", type=float, help="recall on risky to reach, e.g. 0.9")
+    target.add_argument("--max-escalation", type=float,
+                        help="share of ordinary benign that may be escalated, e.g. 0.03")  # fmt: skip
+    calibrate.add_argument("--max-block-benign", type=float, default=0.002,
+                           help="share of benign that block_at may block outright")  # fmt: skip
+    calibrate.add_argument(
+        "--policy", default="", help="the policy to recommend for (and --apply to)"
+    )
+    calibrate.add_argument(
+        "--plot", type=Path, help="write score distributions and the trade-off as PNG"
+    )
+    calibrate.add_argument("--apply", action="store_true",
+                           help="apply the thresholds to --policy on a running gateway (admin API)")  # fmt: skip
+    calibrate.add_argument("--address", default="localhost:50051")
+    calibrate.add_argument("--token", default=None, help="admin token (or TIERGUARD_ADMIN_TOKEN)")
+    calibrate.add_argument("--timeout", type=float, default=30.0)
+    calibrate.add_argument("--tls-ca", type=Path)
+    calibrate.add_argument("--tls-cert", type=Path)
+    calibrate.add_argument("--tls-key", type=Path)
+    calibrate.set_defaults(func=_calibrate, json=False)
+
+    from gateway.admin_cli import add_admin_commands
+
+    add_admin_commands(commands)
     return parser
 
 
@@ -172,6 +204,49 @@ def _export(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     totals = _records(args).usage(policy=args.policy)
     print(json.dumps(dataclasses.asdict(totals), indent=1))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from gateway.calibrate import calibrate, plot_calibration
+    from gateway.evaluate import format_reports, route_rows
+    from router.decision import Tier
+    from router.evaluation import read_labelled
+
+    config = _load(args)
+    rows = [row for path in args.data for row in read_labelled(path)]
+    gateway = Gateway.create(config)
+    policy = gateway.resolve_policy(args.policy)
+    results = route_rows(gateway, rows, policy_name=policy.name)
+    scores = [r.risk_score for r in results]
+    tier0 = [r.decided_by is Tier.PREFILTER for r in results]
+    try:
+        result = calibrate(rows, scores, tier0, target_recall=args.target_recall,
+                           max_escalation=args.max_escalation,
+                           max_block_benign=args.max_block_benign)  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(f"tierguard: {exc}") from None
+    t = result.thresholds
+    print(f"target: {result.target}")
+    print(f"recommended: escalate_at {t.escalate_at:.4f}, block_at {t.block_at:.4f}\n")
+    print(format_reports({"category": result.by_category, "overall": [result.overall]}))
+    print(f"policy snippet (config file):\n  policies:\n    {policy.name}:\n"
+          f"      escalate_at: {t.escalate_at:.4f}\n      block_at: {t.block_at:.4f}")  # fmt: skip
+    if args.plot:
+        plot_calibration(rows, scores, result, args.plot)
+        print(f"\nwrote {args.plot}")
+    if args.apply:
+        from gateway._proto.guardrail.v1 import admin_pb2 as apb
+        from gateway.admin_cli import admin_stub
+
+        stub, metadata = admin_stub(args)
+        request = apb.UpdatePolicyRequest(
+            policy=apb.Policy(name=policy.name, escalate_at=t.escalate_at, block_at=t.block_at),
+            update_mask=["escalate_at", "block_at"],
+        )
+        reply = stub.UpdatePolicy(request, metadata=metadata, timeout=args.timeout)
+        print(f"applied to policy {reply.policy.name} on {args.address}")
     return 0
 
 

@@ -4,7 +4,7 @@ Sources, later ones winning: the defaults below, a YAML file (`--config` or
 `TIERGUARD_CONFIG`), environment variables (`TIERGUARD_HOST`,
 `TIERGUARD_PORT`, `TIERGUARD_DATA_DIR`, `TIERGUARD_MAX_TEXT_CHARS`,
 `TIERGUARD_DEFAULT_POLICY`, `TIERGUARD_CRITIC_MODEL`,
-`TIERGUARD_GENERATOR_MODEL`), then command-line flags. The LLM endpoints also
+`TIERGUARD_GENERATOR_MODEL`, `TIERGUARD_ADMIN_TOKENS`), then command-line flags. The LLM endpoints also
 honour the `openai` SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`. A bad
 value fails loudly and names its field. Nothing here is read at import time.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,7 +56,9 @@ __all__ = [
     "LLMConfig",
     "Policy",
     "ServerConfig",
+    "Tenant",
     "load_config",
+    "parse_policy",
 ]
 
 # Chosen with `tierguard eval` on ../shared/datasets (see README, "Tuning thresholds").
@@ -92,7 +95,10 @@ class Policy:
         max_rounds: Most revisions the critic may attempt for one response.
         critic_budget_ms: Time the critic tier may take when the caller sets
             no deadline (a caller's deadline always wins if shorter).
-        record_texts: Whether critic records keep texts (else SHA-256 hashes).
+        record_texts: Whether critic records and the decision log keep texts
+            (else SHA-256 hashes).
+        escalation_budget: Share of requests the policy may escalate to the
+            critic tier, in [0, 1] (0: no budget); GetStats reports breaches.
         expose_evidence: Whether verdicts carry exemplar texts and raw
             similarities (ids and categories are always there). Off by
             default: a caller who sees similarities can probe the deny list.
@@ -108,6 +114,7 @@ class Policy:
     max_rounds: int = 2
     critic_budget_ms: int = 15_000
     record_texts: bool = True
+    escalation_budget: float = 0.0
     expose_evidence: bool = False
 
     @property
@@ -127,6 +134,12 @@ class ServerConfig:
         max_concurrent_checks: Checks in flight beyond which new ones get
             RESOURCE_EXHAUSTED instead of queueing without bound.
         grace_seconds: How long a stopping server lets checks in flight finish.
+        require_api_key: Whether check calls need a tenant API key (or an
+            admin token) in `authorization: Bearer <key>`.
+        tls_cert_file: PEM certificate chain; with `tls_key_file`, serve TLS.
+        tls_key_file: PEM private key of the certificate.
+        tls_client_ca_file: PEM CA bundle; when set, clients must present a
+            certificate it signed (mutual TLS).
     """
 
     host: str = "127.0.0.1"
@@ -134,6 +147,10 @@ class ServerConfig:
     max_text_chars: int = 20_000
     max_concurrent_checks: int = 512
     grace_seconds: float = 5.0
+    require_api_key: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,23 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class Tenant:
+    """A calling service: its API keys and the policies it may use.
+
+    Attributes:
+        name: The tenant's name (logs and audit say it, never a key).
+        api_keys: Keys it sends as `authorization: Bearer <key>`.
+        policy: The policy its requests get when they name none.
+        allowed_policies: Policies it may name (default: only `policy`).
+    """
+
+    name: str
+    api_keys: tuple[str, ...]
+    policy: str
+    allowed_policies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to start."""
 
@@ -221,6 +255,9 @@ class Config:
     default_policy: str = "default"
     policies: Mapping[str, Policy] = field(default_factory=lambda: {"default": Policy()})
     scoring_model: Path | None = None
+    admin_tokens: Mapping[str, str] = field(default_factory=dict)
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    source: Path | None = None
 
     def __post_init__(self) -> None:
         if self.default_policy not in self.policies:
@@ -228,6 +265,15 @@ class Config:
                 f"default_policy: {self.default_policy!r} is not one of the policies "
                 f"{sorted(self.policies)}"
             )
+        for tenant in self.tenants.values():
+            for name in (tenant.policy, *tenant.allowed_policies):
+                if name not in self.policies:
+                    raise ConfigError(
+                        f"tenants.{tenant.name}: policy {name!r} is not one of the policies "
+                        f"{sorted(self.policies)}"
+                    )
+        if bool(self.server.tls_cert_file) != bool(self.server.tls_key_file):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
 
     def policy(self, name: str) -> Policy | None:
         """The policy called `name`, or None."""
@@ -266,12 +312,16 @@ def load_config(
     path = path or (Path(env["TIERGUARD_CONFIG"]) if env.get("TIERGUARD_CONFIG") else None)
     if path is not None:
         raw = _read_yaml(Path(path))
+        raw["source"] = str(path)
     for variable, keys in _ENV.items():
         if env.get(variable):
             _set_dotted(raw, keys, env[variable])
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, tuple(dotted.split(".")), value)
+    if env.get("TIERGUARD_ADMIN_TOKENS"):
+        tokens = [t.strip() for t in env["TIERGUARD_ADMIN_TOKENS"].split(",") if t.strip()]
+        raw.setdefault("admin", {}).setdefault("tokens", []).extend(tokens)
     return _parse_config(raw)
 
 
@@ -297,12 +347,14 @@ def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
 
 
 def _parse_config(raw: Mapping[str, Any]) -> Config:
-    _reject_unknown("", raw, {f.name for f in dataclasses.fields(Config)})
+    _reject_unknown(
+        "", raw, {f.name for f in dataclasses.fields(Config)} - {"admin_tokens"} | {"admin"}
+    )
     policies_raw = raw.get("policies") or {"default": {}}
     if not isinstance(policies_raw, Mapping) or not policies_raw:
         raise ConfigError("policies: must be a mapping of policy names to settings")
     policies = {
-        str(name): _parse_policy(str(name), body or {}) for name, body in policies_raw.items()
+        str(name): parse_policy(str(name), body or {}) for name, body in policies_raw.items()
     }
     return Config(
         server=_parse_section("server", ServerConfig, raw.get("server") or {}),
@@ -315,10 +367,59 @@ def _parse_config(raw: Mapping[str, Any]) -> Config:
         default_policy=str(raw.get("default_policy", "default")),
         policies=policies,
         scoring_model=Path(str(raw["scoring_model"])) if raw.get("scoring_model") else None,
+        admin_tokens=_parse_admin_tokens(raw.get("admin") or {}),
+        tenants=_parse_tenants(raw.get("tenants") or {}),
+        source=Path(str(raw["source"])) if raw.get("source") else None,
     )
 
 
-def _parse_policy(name: str, body: Mapping[str, Any]) -> Policy:
+def _parse_admin_tokens(admin: Mapping[str, Any]) -> dict[str, str]:
+    """Admin credentials by name: `tokens` lists strings or {name, token} mappings.
+
+    A bare token is named by a fingerprint of itself, so logs and the audit
+    log can say who acted without ever holding the token.
+    """
+    if not isinstance(admin, Mapping):
+        raise ConfigError("admin: must be a mapping")
+    _reject_unknown("admin", admin, {"tokens"})
+    tokens: dict[str, str] = {}
+    for i, entry in enumerate(admin.get("tokens") or []):
+        if isinstance(entry, str) and entry:
+            name = "admin-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
+            tokens[name] = entry
+        elif isinstance(entry, Mapping) and entry.get("name") and entry.get("token"):
+            tokens[str(entry["name"])] = str(entry["token"])
+        else:
+            raise ConfigError(f"admin.tokens[{i}]: must be a token or {{name, token}}")
+        if len(list(tokens.values())[-1]) < 16:
+            raise ConfigError(f"admin.tokens[{i}]: tokens must be at least 16 characters")
+    return tokens
+
+
+def _parse_tenants(raw: Mapping[str, Any]) -> dict[str, Tenant]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("tenants: must be a mapping of tenant names to settings")
+    tenants = {}
+    for name, body in raw.items():
+        where = f"tenants.{name}"
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: must be a mapping")
+        _reject_unknown(where, body, {"api_keys", "policy", "allowed_policies"})
+        keys = body.get("api_keys") or []
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or not all(isinstance(k, str) and len(k) >= 16 for k in keys)
+        ):
+            raise ConfigError(f"{where}.api_keys: a list of keys of at least 16 characters")
+        policy = str(body.get("policy") or "default")
+        allowed = tuple(str(p) for p in body.get("allowed_policies") or [policy])
+        tenants[str(name)] = Tenant(str(name), tuple(keys), policy, allowed)
+    return tenants
+
+
+def parse_policy(name: str, body: Mapping[str, Any]) -> Policy:
+    """A validated policy from plain values; errors name `policies.<name>.<field>`."""
     where = f"policies.{name}"
     if not isinstance(body, Mapping):
         raise ConfigError(f"{where}: must be a mapping")

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from embeddings_index.store import ExemplarStore
+from collections.abc import Sequence
+from typing import Any
+
+from critic.loop import FailMode
+from embeddings_index.store import Exemplar, ExemplarStore
+from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
-from gateway.config import CriticMode
+from gateway.config import CriticMode, Policy
 from gateway.pipeline import CheckResult
 from router.decision import Decision, Tier
 from router.prefilter import PrefilterHit, RuleAction
 
-__all__ = ["verdict_to_proto"]
+__all__ = [
+    "LABELS",
+    "LABEL_NAMES",
+    "exemplar_to_proto",
+    "policy_from_proto",
+    "policy_to_proto",
+    "verdict_to_proto",
+]
 
 DECISIONS = {
     Decision.ALLOW: pb.DECISION_ALLOW,
@@ -30,7 +42,9 @@ _ACTIONS = {
     RuleAction.BLOCK: pb.PREFILTER_ACTION_BLOCK,
     RuleAction.SIGNAL: pb.PREFILTER_ACTION_SIGNAL,
 }
-_LABELS = {"risky": pb.LABEL_RISKY, "benign": pb.LABEL_BENIGN}
+LABELS = {"risky": pb.LABEL_RISKY, "benign": pb.LABEL_BENIGN}
+LABEL_NAMES = {value: name for name, value in LABELS.items()}
+_FAIL_MODES = {FailMode.CLOSED: pb.FAIL_MODE_CLOSED, FailMode.OPEN: pb.FAIL_MODE_OPEN}
 
 
 def verdict_to_proto(
@@ -103,7 +117,7 @@ def _matches(result: CheckResult, *, store: ExemplarStore) -> list[pb.ExemplarMa
     return [
         pb.ExemplarMatch(
             exemplar_id=eid,
-            label=_LABELS[index.label(position)],
+            label=LABELS[index.label(position)],
             category=index.categories[position],
             similarity=float(similarity) if expose else 0.0,
             similarity_exposed=expose,
@@ -123,3 +137,68 @@ def _hit(hit: PrefilterHit) -> pb.PrefilterHit:
         weight=hit.weight,
         view=hit.view,
     )
+
+
+def exemplar_to_proto(exemplar: Exemplar) -> apb.Exemplar:
+    """An exemplar with its provenance."""
+    return apb.Exemplar(
+        exemplar_id=exemplar.id,
+        text=exemplar.text,
+        label=LABELS[exemplar.label],
+        category=exemplar.category,
+        source=exemplar.source,
+        added_by=exemplar.added_by,
+        reason=exemplar.reason,
+        created_at=exemplar.created_at,
+        added_version=exemplar.added_version,
+    )
+
+
+def policy_to_proto(policy: Policy, *, origin: str) -> apb.Policy:
+    """A policy as the admin API shows it."""
+    return apb.Policy(
+        name=policy.name,
+        escalate_at=policy.escalate_at,
+        block_at=policy.block_at,
+        k=policy.k,
+        constitution=policy.constitution,
+        critic_mode=CRITIC_MODES[policy.critic_mode],
+        fail_mode=_FAIL_MODES[policy.fail_mode],
+        max_rounds=policy.max_rounds,
+        critic_budget_ms=policy.critic_budget_ms,
+        record_texts=policy.record_texts,
+        expose_evidence=policy.expose_evidence,
+        escalation_budget=policy.escalation_budget,
+        origin=origin,
+    )
+
+
+_MASKABLE = {
+    "escalate_at", "block_at", "k", "constitution", "critic_mode", "fail_mode", "max_rounds",
+    "critic_budget_ms", "record_texts", "expose_evidence", "escalation_budget",
+}  # fmt: skip
+
+
+def policy_from_proto(message: apb.Policy, mask: Sequence[str]) -> dict[str, Any]:
+    """The masked fields of `message` as plain values for `PolicyRegistry.update`.
+
+    Raises:
+        ValueError: a mask entry is not an updatable field, or an enum is unspecified.
+    """
+    changes: dict[str, Any] = {}
+    for name in mask:
+        if name not in _MASKABLE:
+            raise ValueError(f"update_mask: {name!r} is not one of {sorted(_MASKABLE)}")
+        value = getattr(message, name)
+        if name == "critic_mode":
+            modes = {v: k.value for k, v in CRITIC_MODES.items()}
+            if value not in modes:
+                raise ValueError("critic_mode: must be SYNC, SHADOW or OFF")
+            value = modes[value]
+        elif name == "fail_mode":
+            modes = {v: k.value for k, v in _FAIL_MODES.items()}
+            if value not in modes:
+                raise ValueError("fail_mode: must be CLOSED or OPEN")
+            value = modes[value]
+        changes[name] = value
+    return changes

@@ -3,6 +3,9 @@
     GatewayError                      -> INTERNAL (message carries the request id)
     ├── InvalidArgument(field, ...)   -> INVALID_ARGUMENT + BadRequest.FieldViolation
     ├── PolicyNotFound(name)          -> NOT_FOUND + ErrorInfo(POLICY_NOT_FOUND)
+    ├── NotFound                      -> NOT_FOUND + ErrorInfo(<reason>)
+    ├── Unauthenticated               -> UNAUTHENTICATED + ErrorInfo(UNAUTHENTICATED)
+    ├── PermissionDenied              -> PERMISSION_DENIED + ErrorInfo(PERMISSION_DENIED)
     ├── Overloaded                    -> RESOURCE_EXHAUSTED + ErrorInfo(OVERLOADED)
     ├── DeadlineTooShort              -> DEADLINE_EXCEEDED + ErrorInfo(DEADLINE_TOO_SHORT)
     ├── FailedPrecondition            -> FAILED_PRECONDITION + ErrorInfo(<reason>)
@@ -25,8 +28,11 @@ __all__ = [
     "FailedPrecondition",
     "GatewayError",
     "InvalidArgument",
+    "NotFound",
     "Overloaded",
+    "PermissionDenied",
     "PolicyNotFound",
+    "Unauthenticated",
     "Unavailable",
     "to_status",
 ]
@@ -86,6 +92,30 @@ class PolicyNotFound(GatewayError):
             f"policy {name!r} does not exist; known policies: {', '.join(sorted(known))}",
             policy=name,
         )
+
+
+class NotFound(GatewayError):
+    """The named object does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, message: str, *, reason: str = "NOT_FOUND") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Unauthenticated(GatewayError):
+    """The call carries no valid credential."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    """The credential is valid but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class Overloaded(GatewayError):

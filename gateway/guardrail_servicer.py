@@ -13,8 +13,9 @@ from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.app import Gateway
 from gateway.config import Policy
 from gateway.convert import verdict_to_proto
+from gateway.decision_log import LoggedDecision
 from gateway.errors import DeadlineTooShort, InvalidArgument
-from gateway.interceptors import REQUEST_ID
+from gateway.interceptors import PRINCIPAL, REQUEST_ID
 from gateway.pipeline import CheckResult, check_prompt, check_response, generate
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
@@ -43,7 +44,9 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         result = await check_prompt(
             self._gateway, text, policy, request_id=REQUEST_ID.get(), deadline=deadline
         )
-        return pb.CheckPromptResponse(verdict=self._verdict("check_prompt", result, start))
+        verdict = self._verdict("check_prompt", result, start)
+        self._record("check_prompt", result, text)
+        return pb.CheckPromptResponse(verdict=verdict)
 
     async def CheckResponse(
         self, request: pb.CheckResponseRequest, context: grpc.aio.ServicerContext
@@ -57,9 +60,9 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             self._gateway, prompt, response, policy, request_id=REQUEST_ID.get(),
             deadline=deadline,
         )  # fmt: skip
-        return pb.CheckResponseResponse(
-            verdict=self._verdict("check_response", result, start), final_text=result.final_text
-        )
+        verdict = self._verdict("check_response", result, start)
+        self._record("check_response", result, prompt)
+        return pb.CheckResponseResponse(verdict=verdict, final_text=result.final_text)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -79,7 +82,24 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             reply.response_verdict.CopyFrom(
                 self._verdict("generate.response", result.response, start, result.generate_ms)
             )
+        self._record("generate", result.response or result.prompt, prompt)
         return reply
+
+    def _record(self, rpc: str, result: CheckResult, text: str) -> None:
+        """Count the verdict and append it to the decision log."""
+        self._gateway.stats.count(
+            result.policy.name, tier=result.decided_by.value, decision=result.decision.value,
+            escalated=result.escalated, fallback=result.fallback_applied,
+        )  # fmt: skip
+        self._gateway.decisions.append(
+            LoggedDecision(
+                request_id=REQUEST_ID.get(), rpc=rpc, policy=result.policy.name,
+                decision=result.decision.value, tier=result.decided_by.value,
+                route=result.route.route.value, risk_score=result.route.risk_score,
+                fallback_reason=result.fail_reason, index_version=result.route.index.version,
+                text=text, keep_text=result.policy.record_texts,
+            )
+        )  # fmt: skip
 
     def _validated(self, field: str, text: str) -> str:
         if not text.strip():
@@ -94,7 +114,9 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         return text
 
     def _policy(self, requested: str, context: grpc.aio.ServicerContext) -> Policy:
-        return self._gateway.resolve_policy(requested, _metadata(context, POLICY_METADATA_KEY))
+        return self._gateway.resolve_policy(
+            requested, _metadata(context, POLICY_METADATA_KEY), principal=PRINCIPAL.get()
+        )
 
     @staticmethod
     def _deadline(policy: Policy, context: grpc.aio.ServicerContext) -> Deadline:

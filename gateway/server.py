@@ -1,7 +1,9 @@
-"""The gRPC server: GuardrailService plus the standard health and reflection services.
+"""The gRPC server: GuardrailService, AdminService, health and reflection.
 
 `start_server` is what the CLI and the tests both use, so tests exercise the
-production wiring on a loopback port.
+production wiring on a loopback port. `serve` adds signals: SIGTERM/SIGINT
+stop gracefully; SIGHUP re-reads the config file (a bad file is rejected with
+a clear message and the old config stays in force).
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway._proto.guardrail.v1 import admin_pb2, admin_pb2_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
+from gateway.admin_servicer import AdminServicer
 from gateway.app import Gateway
+from gateway.config import ConfigError, ServerConfig, load_config
 from gateway.guardrail_servicer import GuardrailServicer
 from gateway.interceptors import GatewayInterceptor
 
-__all__ = ["RunningServer", "serve", "start_server"]
+__all__ = ["RunningServer", "reload_config", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 
 GUARDRAIL_SERVICE = pb.DESCRIPTOR.services_by_name["GuardrailService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 @dataclass
@@ -52,26 +58,72 @@ async def start_server(
     config = gateway.config.server
     server = grpc.aio.server(
         interceptors=[
-            GatewayInterceptor({GUARDRAIL_SERVICE}, max_concurrent=config.max_concurrent_checks)
+            GatewayInterceptor(
+                check_services={GUARDRAIL_SERVICE},
+                admin_services={ADMIN_SERVICE},
+                credentials=lambda: gateway.credentials,
+                require_api_key=lambda: gateway.config.server.require_api_key,
+                max_concurrent=config.max_concurrent_checks,
+            )
         ],
         options=[("grpc.max_receive_message_length", 4 * config.max_text_chars + 65536)],
     )
     pb_grpc.add_GuardrailServiceServicer_to_server(GuardrailServicer(gateway), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [GUARDRAIL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [GUARDRAIL_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"{host or config.host}:{config.port if port is None else port}"
-    bound = server.add_insecure_port(address)
+    credentials = _tls_credentials(config)
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if not bound:
         raise OSError(f"cannot listen on {address}")
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", GUARDRAIL_SERVICE):
+    for name in ("", GUARDRAIL_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, serving)
-    log.info("tierguard listening on %s", address.rsplit(":", 1)[0] + f":{bound}")
+    scheme = "mTLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext"
+    log.info("tierguard listening on %s:%d (%s)", address.rsplit(":", 1)[0], bound, scheme)
     return RunningServer(server=server, port=bound, health=health_servicer, gateway=gateway)
+
+
+def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS when a client CA is set) from PEM files, or None for plaintext."""
+    if not config.tls_cert_file or not config.tls_key_file:
+        return None
+    try:
+        chain = config.tls_cert_file.read_bytes()
+        key = config.tls_key_file.read_bytes()
+        client_ca = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"server TLS: cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def reload_config(gateway: Gateway) -> bool:
+    """Re-read the config file the gateway started from; keep the old one if it is bad."""
+    source = gateway.config.source
+    if source is None:
+        log.warning("SIGHUP: the gateway was started without a config file; nothing to reload")
+        return False
+    try:
+        config = load_config(source, overrides={"data_dir": str(gateway.config.data_dir)})
+        gateway.reload(config)
+    except ConfigError as exc:
+        log.error("SIGHUP: config %s rejected, the old config stays in force: %s", source, exc)
+        return False
+    log.info(
+        "SIGHUP: config %s reloaded; policies %s", source, [p.name for p in gateway.policies.all()]
+    )
+    return True
 
 
 async def serve(gateway: Gateway) -> None:
@@ -81,6 +133,7 @@ async def serve(gateway: Gateway) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, gateway)
     await stop.wait()
     log.info("shutting down: finishing calls in flight")
     await running.stop()

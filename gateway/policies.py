@@ -1,0 +1,98 @@
+"""The live set of policies: the config file's, overlaid by changes made through the admin API.
+
+Reads are lock-free (a dict swapped whole); an update or a config reload
+builds a new dict and swaps it in, so a change applies to the next request and
+never tears one in flight. Admin changes are stored durably (AdminState) and
+win over the file until the policy is reset.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, replace
+from typing import Any
+
+from gateway.admin_state import AdminState
+from gateway.config import Config, ConfigError, Policy, parse_policy
+
+__all__ = ["PolicyRegistry", "policy_to_dict"]
+
+
+def policy_to_dict(policy: Policy) -> dict[str, Any]:
+    """A policy as plain JSON-ready values (enums by value)."""
+    return {
+        key: value.value if isinstance(value, enum.Enum) else value
+        for key, value in asdict(policy).items()
+    }
+
+
+class PolicyRegistry:
+    """Policies by name, with where each one's current version came from."""
+
+    def __init__(self, config: Config, state: AdminState, constitutions: Iterable[str]) -> None:
+        self._state = state
+        self._constitutions = frozenset(constitutions)
+        self._file: Mapping[str, Policy] = {}
+        self._policies: dict[str, Policy] = {}
+        self._origins: dict[str, str] = {}
+        self.default_name = config.default_policy
+        self.load(config)
+
+    def load(self, config: Config) -> None:
+        """Take the policies of a (re)loaded config; admin changes stay on top.
+
+        Raises:
+            ConfigError: a policy names an unknown constitution.
+        """
+        self._check_constitutions(config.policies.values())
+        overrides = {
+            name: parse_policy(name, body) for name, body in self._state.policy_overrides().items()
+        }
+        policies = {**config.policies, **overrides}
+        self._check_constitutions(overrides.values())
+        self._origins = {name: "admin" if name in overrides else "config" for name in policies}
+        self._file = config.policies
+        self._policies = policies
+        self.default_name = config.default_policy
+
+    def get(self, name: str) -> Policy | None:
+        """The policy called `name`, or None."""
+        return self._policies.get(name)
+
+    def all(self) -> list[Policy]:
+        """Every policy, by name."""
+        return [self._policies[name] for name in sorted(self._policies)]
+
+    def origin(self, name: str) -> str:
+        """ "config" or "admin"."""
+        return self._origins.get(name, "config")
+
+    def update(
+        self, name: str, changes: Mapping[str, Any], actor: str
+    ) -> tuple[Policy | None, Policy]:
+        """Apply `changes` to the policy `name` (created from defaults if new), durably.
+
+        Returns:
+            (the policy before, the policy after).
+
+        Raises:
+            ConfigError: a change is invalid; the message names the field.
+        """
+        before = self._policies.get(name)
+        body = {**policy_to_dict(before or Policy(name=name)), **changes}
+        body.pop("name", None)
+        after = parse_policy(name, body)
+        self._check_constitutions([after])
+        self._state.set_policy_override(name, policy_to_dict(replace(after)), actor)
+        self._policies = {**self._policies, name: after}
+        self._origins = {**self._origins, name: "admin"}
+        return before, after
+
+    def _check_constitutions(self, policies: Iterable[Policy]) -> None:
+        for policy in policies:
+            if policy.constitution not in self._constitutions:
+                raise ConfigError(
+                    f"policies.{policy.name}.constitution: {policy.constitution!r} is not one "
+                    f"of {sorted(self._constitutions)}"
+                )

@@ -1,0 +1,98 @@
+"""Credentials, the policy registry, the admin state and the decision log, on their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from critic.loop import FailMode
+from gateway.admin_state import AdminState
+from gateway.auth import Credentials, Role, bearer_token
+from gateway.config import Config, ConfigError, Policy, Tenant
+from gateway.decision_log import DecisionLog, LoggedDecision
+from gateway.policies import PolicyRegistry
+
+TOKEN = "t" * 20
+KEY = "k" * 20
+
+
+def config(**changes: object) -> Config:
+    values: dict[str, object] = {
+        "policies": {"default": Policy(), "strict": Policy(name="strict", escalate_at=0.3)},
+        "admin_tokens": {"alice": TOKEN},
+        "tenants": {"acme": Tenant("acme", (KEY,), "strict", ("strict",))},
+    }
+    values.update(changes)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def test_credentials_identify_admins_tenants_and_strangers() -> None:
+    credentials = Credentials(config())
+    admin = credentials.identify(TOKEN)
+    tenant = credentials.identify(KEY)
+    assert admin is not None and admin.role is Role.ADMIN and admin.name == "alice"
+    assert tenant is not None and tenant.role is Role.TENANT and tenant.policy == "strict"
+    assert (
+        credentials.identify(None) is not None and credentials.identify(None).role is Role.ANONYMOUS
+    )  # type: ignore[union-attr]
+    assert credentials.identify(TOKEN[:-1] + "x") is None
+    assert bearer_token({"authorization": f"Bearer {TOKEN}"}) == TOKEN
+    assert bearer_token({"authorization": f"Basic {TOKEN}"}) is None
+    assert bearer_token({}) is None
+
+
+def test_tenants_must_name_known_policies() -> None:
+    with pytest.raises(ConfigError, match=r"tenants\.acme"):
+        config(tenants={"acme": Tenant("acme", (KEY,), "missing")})
+
+
+def test_registry_updates_are_durable_and_win_over_the_file(tmp_path: Path) -> None:
+    state = AdminState(tmp_path / "admin.sqlite3")
+    registry = PolicyRegistry(config(), state, {"general", "payflow"})
+    before, after = registry.update("strict", {"escalate_at": 0.45, "fail_mode": "open"}, "alice")
+    assert before is not None and before.escalate_at == 0.3
+    assert after.escalate_at == 0.45 and after.fail_mode is FailMode.OPEN
+    assert registry.origin("strict") == "admin" and registry.origin("default") == "config"
+    with pytest.raises(ConfigError, match=r"policies\.strict\.escalate_at"):
+        registry.update("strict", {"escalate_at": 7}, "alice")
+    with pytest.raises(ConfigError, match="constitution"):
+        registry.update("strict", {"constitution": "martian"}, "alice")
+    state.close()
+    reopened = PolicyRegistry(
+        config(), AdminState(tmp_path / "admin.sqlite3"), {"general", "payflow"}
+    )
+    assert reopened.get("strict").escalate_at == 0.45  # type: ignore[union-attr]
+    created = reopened.update("new", {"block_at": 0.9}, "alice")[1]
+    assert created.name == "new" and created.escalate_at == Policy().escalate_at
+
+
+def test_audit_pages_newest_first(tmp_path: Path) -> None:
+    state = AdminState(tmp_path / "admin.sqlite3")
+    for i in range(5):
+        state.audit("alice", "act", f"t{i}", {"i": i}, None)
+    first = state.audit_events(limit=2)
+    older = state.audit_events(limit=2, before_id=first[-1].event_id)
+    assert [e.target for e in first + older] == ["t4", "t3", "t2", "t1"]
+    assert first[0].before == '{"i": 4}' and first[0].after == ""
+
+
+def test_idempotency_remembers_replies(tmp_path: Path) -> None:
+    state = AdminState(tmp_path / "admin.sqlite3")
+    assert state.remembered("M", "r1") is None
+    state.remember("M", "r1", b"reply")
+    state.remember("M", "r1", b"other")  # the first answer stands
+    assert state.remembered("M", "r1") == b"reply"
+    assert state.remembered("N", "r1") is None and state.remembered("M", "") is None
+
+
+def test_decision_log_keeps_texts_only_when_asked(tmp_path: Path) -> None:
+    log = DecisionLog(tmp_path / "d.sqlite3", flush_ms=10)
+    for keep in (True, False):
+        log.append(LoggedDecision("r", "check_prompt", "p", "allow", "embedding", "allow", 0.2, "",
+                                  3, f"text kept={keep}", keep))  # fmt: skip
+    log.flush()
+    assert log.recent_scores("p", 10) == [("allow", 0.2), ("allow", 0.2)]
+    log.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("d.sqlite3*"))
+    assert b"text kept=True" in raw and b"text kept=False" not in raw
