@@ -4,7 +4,9 @@ The model is the expensive part of tier 1 and its cost per text falls steeply
 with batch size. A lone request is encoded at once; while the model is busy,
 later requests queue and go together in the next batch (up to `max_batch`
 texts, after waiting at most `max_wait_ms` for company). Encoding runs on one
-long-lived worker thread, never on the event loop.
+long-lived worker thread, never on the event loop. Vectors of recent texts
+are kept in an LRU cache (a vector depends only on the text and the model, so
+it can never be stale).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embeddings_index.embedder import Embedder
+from embeddings_index.lru import LRUCache
 
 __all__ = ["BatchingConfig", "MicroBatcher"]
 
@@ -29,10 +32,12 @@ class BatchingConfig:
         max_batch: Most texts in one call to the embedder.
         max_wait_ms: Longest a request waits for others to join its batch
             when the model is idle; 0 sends a lone request at once.
+        cache_size: Vectors of recent texts kept (0: no cache).
     """
 
     max_batch: int = 64
     max_wait_ms: float = 0.0
+    cache_size: int = 10_000
 
 
 class MicroBatcher:
@@ -46,9 +51,18 @@ class MicroBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tierguard-embed"
         )
+        self.cache: LRUCache[str, np.ndarray] = LRUCache(self._config.cache_size)
 
     async def embed(self, text: str) -> np.ndarray:
-        """The unit vector of `text`, encoded together with whatever else is waiting."""
+        """The unit vector of `text`, from the cache or encoded with whatever else is waiting."""
+        cached = self.cache.get(text)
+        if cached is not None:
+            return cached
+        vector = await self._encode_batched(text)
+        self.cache.put(text, vector)
+        return vector
+
+    async def _encode_batched(self, text: str) -> np.ndarray:
         if self._queue is None or self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._run(self._queue), name="tierguard-batcher")

@@ -25,6 +25,7 @@ from critic.records import CriticRecords
 from critic.types import Critic
 from embeddings_index.batching import BatchingConfig, MicroBatcher
 from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
+from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
 from gateway.admin_state import AdminState
 from gateway.auth import Credentials, Principal, Role
@@ -35,7 +36,7 @@ from gateway.policies import PolicyRegistry
 from gateway.stats import TrafficStats
 from router.normalize import normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
-from router.router import Router
+from router.router import Router, RouteResult
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
 
 __all__ = ["Gateway"]
@@ -62,6 +63,7 @@ class Gateway:
     credentials: Credentials
     decisions: DecisionLog
     stats: TrafficStats = field(default_factory=TrafficStats)
+    route_cache: LRUCache[tuple[Any, ...], RouteResult] = field(default_factory=lambda: LRUCache(0))
     generator: Generator | None = None
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -98,7 +100,9 @@ class Gateway:
         batcher = MicroBatcher(
             embedder,
             BatchingConfig(
-                max_batch=config.embedding.max_batch, max_wait_ms=config.embedding.max_wait_ms
+                max_batch=config.embedding.max_batch,
+                max_wait_ms=config.embedding.max_wait_ms,
+                cache_size=config.embedding.cache_size,
             ),
         )
         local = LocalCritic()
@@ -136,6 +140,7 @@ class Gateway:
             credentials=Credentials(config),
             decisions=DecisionLog(config.data_dir / "decisions.sqlite3"),
             generator=generator,
+            route_cache=LRUCache(config.embedding.route_cache_size),
         )
 
     def resolve_policy(self, *names: str, principal: Principal | None = None) -> Policy:

@@ -162,11 +162,16 @@ class EmbeddingConfig:
             all-MiniLM-L6-v2.
         max_batch: Most texts encoded together.
         max_wait_ms: Longest a request waits for company when the model is idle.
+        cache_size: Vectors of recent texts kept in memory (0: none).
+        route_cache_size: Router results of recent (text, policy, index version)
+            kept in memory; a change of index or policy never hits a stale entry.
     """
 
     model_path: Path | None = None
     max_batch: int = 64
     max_wait_ms: float = 0.0
+    cache_size: int = 10_000
+    route_cache_size: int = 10_000
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from critic.constitution import Constitution, Target
 from critic.detectors import detect
@@ -28,7 +28,7 @@ from gateway.app import Gateway
 from gateway.config import CriticMode, Policy
 from gateway.errors import FailedPrecondition, Unavailable
 from router.decision import Decision, Route, Tier
-from router.router import RouteResult
+from router.router import RouteResult, Timings
 
 __all__ = ["CheckResult", "GenerateResult", "check_prompt", "check_response", "generate"]
 
@@ -206,9 +206,18 @@ async def generate(
 
 
 async def _route(gateway: Gateway, text: str, policy: Policy) -> RouteResult:
-    return await gateway.router.route(
+    """The router's result, from the route cache when the same text met the same
+    thresholds and the same index version (a change of either is a new key)."""
+    key = (text, policy.thresholds, policy.k, gateway.index.index.version)
+    cached = gateway.route_cache.get(key)
+    if cached is not None:
+        return replace(cached, timings=Timings())
+    routed = await gateway.router.route(
         text, thresholds=policy.thresholds, embed=gateway.batcher.embed, k=policy.k or None
     )
+    if routed.index.version == key[-1]:
+        gateway.route_cache.put(key, routed)
+    return routed
 
 
 def _fail_mode_result(
