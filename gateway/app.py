@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from critic.constitution import Constitution, load_constitutions
@@ -29,7 +30,7 @@ from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
 from gateway.admin_state import AdminState
 from gateway.auth import Credentials, Principal, Role
-from gateway.config import Config, Policy
+from gateway.config import Config, EmbeddingBackend, EmbeddingConfig, Policy
 from gateway.decision_log import DecisionLog
 from gateway.errors import PermissionDenied, PolicyNotFound
 from gateway.policies import PolicyRegistry
@@ -39,9 +40,25 @@ from router.prefilter import Prefilter, RuleAction
 from router.router import Router, RouteResult
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "make_embedder"]
 
 log = logging.getLogger(__name__)
+
+
+def make_embedder(config: EmbeddingConfig, models_dir: Path) -> Embedder:
+    """The configured embedding backend; ONNX exports (once) into `models_dir`."""
+    if config.backend is EmbeddingBackend.TORCH:
+        return SentenceTransformerEmbedder(config.model_path)
+    from embeddings_index.onnx_embedder import OnnxEmbedder
+
+    return OnnxEmbedder(
+        models_dir,
+        config.model_path,
+        quantize=config.backend is EmbeddingBackend.ONNX_INT8,
+        token_budget=config.token_budget,
+        max_batch=config.max_batch,
+        threads=config.threads or None,
+    )
 
 
 @dataclass
@@ -89,8 +106,16 @@ class Gateway:
             admin_state.close()
             raise
         if embedder is None:
-            embedder = SentenceTransformerEmbedder(config.embedding.model_path)
-        index = IndexManager.open(config.data_dir, embedder, prepare=normalized_text)
+            embedder = make_embedder(
+                config.embedding, config.embedding.models_dir or config.data_dir / "models"
+            )
+        index = IndexManager.open(
+            config.data_dir,
+            embedder,
+            prepare=normalized_text,
+            index_options=config.index,
+            snapshot_dir=config.data_dir / "index",
+        )
         prefilter = Prefilter.from_directory()
         router = Router(
             prefilter=prefilter,

@@ -15,11 +15,16 @@ Example file::
       port: 50051
     data_dir: /var/lib/tierguard
     default_policy: default
+    embedding:
+      backend: onnx             # onnx | onnx-int8 | torch
+      max_wait_ms: 0            # micro-batching: longest wait for company
+    index:
+      approximate_above: 20000  # exact search up to here, IVF above
     critic:
       model: gpt-4o-mini        # any OpenAI-compatible endpoint (OPENAI_BASE_URL)
     policies:
       default:
-        escalate_at: 0.6
+        escalate_at: 0.75
         block_at: 0.97
       payflow:
         escalate_at: 0.45
@@ -44,6 +49,7 @@ import yaml
 
 from critic.chat import LLMSettings
 from critic.loop import FailMode
+from embeddings_index.faiss_index import IndexOptions
 from router.decision import Thresholds
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CriticMode",
+    "EmbeddingBackend",
     "EmbeddingConfig",
     "LLMConfig",
     "Policy",
@@ -62,7 +69,7 @@ __all__ = [
 ]
 
 # Chosen with `tierguard eval` on ../shared/datasets (see README, "Tuning thresholds").
-DEFAULT_ESCALATE_AT = 0.6
+DEFAULT_ESCALATE_AT = 0.75
 DEFAULT_BLOCK_AT = 0.97
 
 
@@ -153,6 +160,22 @@ class ServerConfig:
     tls_client_ca_file: Path | None = None
 
 
+class EmbeddingBackend(enum.Enum):
+    """What runs the embedding model.
+
+    TORCH is sentence-transformers on torch (the reference). ONNX is the same
+    graph on ONNX Runtime, exported once into `<data_dir>/models/` (same
+    vectors to float rounding, about twice as fast). ONNX_INT8 is that graph
+    with int8 weights: faster again, but its vectors drift, so its exemplar
+    vectors are its own (`benchmarks/agreement.py` measures the decisions
+    that change).
+    """
+
+    TORCH = "torch"
+    ONNX = "onnx"
+    ONNX_INT8 = "onnx-int8"
+
+
 @dataclass(frozen=True)
 class EmbeddingConfig:
     """The tier-1 embedder.
@@ -160,6 +183,12 @@ class EmbeddingConfig:
     Attributes:
         model_path: A sentence-transformers directory; None for the packaged
             all-MiniLM-L6-v2.
+        backend: "onnx" (default), "onnx-int8" or "torch"; see `EmbeddingBackend`.
+        models_dir: Where ONNX exports are cached (default `<data_dir>/models`);
+            gateways on one host may share it.
+        threads: Inference threads for the ONNX backends (0: every core).
+        token_budget: ONNX backends: most word pieces (rows x padded length) per
+            model call; a batch is cut into calls of similar-length texts under it.
         max_batch: Most texts encoded together.
         max_wait_ms: Longest a request waits for company when the model is idle.
         cache_size: Vectors of recent texts kept in memory (0: none).
@@ -168,6 +197,10 @@ class EmbeddingConfig:
     """
 
     model_path: Path | None = None
+    backend: EmbeddingBackend = EmbeddingBackend.ONNX
+    models_dir: Path | None = None
+    threads: int = 0
+    token_budget: int = 1024
     max_batch: int = 64
     max_wait_ms: float = 0.0
     cache_size: int = 10_000
@@ -254,6 +287,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    index: IndexOptions = field(default_factory=IndexOptions)
     critic: LLMConfig = field(default_factory=LLMConfig)
     generator: LLMConfig = field(default_factory=lambda: LLMConfig(enabled=False))
     data_dir: Path = Path("tierguard-data")
@@ -364,6 +398,7 @@ def _parse_config(raw: Mapping[str, Any]) -> Config:
     return Config(
         server=_parse_section("server", ServerConfig, raw.get("server") or {}),
         embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding") or {}),
+        index=_parse_section("index", IndexOptions, raw.get("index") or {}),
         critic=_parse_section("critic", LLMConfig, raw.get("critic") or {}),
         generator=_parse_section(
             "generator", LLMConfig, {"enabled": False, **(raw.get("generator") or {})}
@@ -451,10 +486,17 @@ def _parse_section(where: str, cls: type, body: Mapping[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(where, body, set(fields))
     values = {key: _coerce(f"{where}.{key}", fields[key], value) for key, value in body.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a check across fields, or a value the type cannot take
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-_ENUMS: dict[str, type[enum.Enum]] = {"CriticMode": CriticMode, "FailMode": FailMode}
+_ENUMS: dict[str, type[enum.Enum]] = {
+    "CriticMode": CriticMode,
+    "FailMode": FailMode,
+    "EmbeddingBackend": EmbeddingBackend,
+}
 
 
 def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:

@@ -20,6 +20,7 @@ ADMIN_TOKEN = "process-admin-token-0123456789"
 CONFIG = """
 server: {{host: 127.0.0.1, port: {port}}}
 data_dir: {data_dir}
+embedding: {{models_dir: {models_dir}}}
 policies:
   default: {{}}
   demo: {{escalate_at: 0.5, block_at: 0.99}}
@@ -87,11 +88,17 @@ class Gateway:
             self.process.wait(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONNX exports shared by every server of the session (the first start exports)."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.fixture
-def gateway_process(data_dir: Path, tmp_path: Path) -> Iterator[Gateway]:
+def gateway_process(data_dir: Path, models_dir: Path, tmp_path: Path) -> Iterator[Gateway]:
     port = free_port()
     config = tmp_path / "tierguard.yaml"
-    config.write_text(CONFIG.format(port=port, data_dir=data_dir, extra=""))
+    config.write_text(CONFIG.format(port=port, data_dir=data_dir, models_dir=models_dir, extra=""))
     process = Gateway(config, port, tmp_path / "server.log")
     process.start()
     yield process
@@ -130,7 +137,7 @@ def test_admin_changes_survive_kill_9_and_restart(gateway_process: Gateway, tmp_
 
 
 def test_sighup_reloads_a_good_config_and_rejects_a_bad_one(
-    gateway_process: Gateway, data_dir: Path
+    gateway_process: Gateway, data_dir: Path, models_dir: Path
 ) -> None:
     assert gateway_process.process is not None
     gateway_process.config_path.write_text("policies: [this is: not valid\n")
@@ -140,7 +147,7 @@ def test_sighup_reloads_a_good_config_and_rejects_a_bad_one(
     assert "demo" in policies and gateway_process.process.poll() is None
     wait_serving(gateway_process.port, timeout_s=5)
     gateway_process.config_path.write_text(CONFIG.format(
-        port=gateway_process.port, data_dir=data_dir,
+        port=gateway_process.port, data_dir=data_dir, models_dir=models_dir,
         extra="  added-later: {escalate_at: 0.4, block_at: 0.95, constitution: payflow}",
     ))  # fmt: skip
     gateway_process.process.send_signal(signal.SIGHUP)

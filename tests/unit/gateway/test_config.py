@@ -12,6 +12,7 @@ from gateway.config import (
     DEFAULT_ESCALATE_AT,
     ConfigError,
     CriticMode,
+    EmbeddingBackend,
     load_config,
 )
 
@@ -49,6 +50,20 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
     assert config.policies["lenient"].name == "lenient"
 
 
+def test_embedding_backend_and_index_structure_are_configurable(tmp_path: Path) -> None:
+    assert load_config(environ={}).embedding.backend is EmbeddingBackend.ONNX
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "embedding: {backend: ONNX-int8, models_dir: /srv/models, threads: 1}\n"
+        "index: {approximate_above: 5000, structure: hnsw, ef_search: 64}\n"
+    )
+    config = load_config(path, environ={})
+    assert config.embedding.backend is EmbeddingBackend.ONNX_INT8
+    assert config.embedding.models_dir == Path("/srv/models") and config.embedding.threads == 1
+    assert config.index.structure_for(5000) == "flat"
+    assert config.index.structure_for(5001) == "hnsw" and config.index.ef_search == 64
+
+
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("server: {port: 6001}\n")
@@ -67,6 +82,10 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("policies: {p: {critic_mode: later}}\ndefault_policy: p", "policies.p.critic_mode"),
         ("policies: {p: {max_rounds: 1.5}}\ndefault_policy: p", "policies.p.max_rounds"),
         ("critic: {call_timeout_s: -1}", "critic.call_timeout_s"),
+        ("embedding: {backend: gpu}", "embedding.backend"),
+        ("index: {structure: kdtree}", "index: structure"),
+        ("index: {nprobe: 0}", "index: nprobe"),
+        ("index: {approximate_above: many}", "index.approximate_above"),
         ("policies: {p: {}}\ndefault_policy: q", "default_policy"),
         ("surprise: 1", "surprise"),
         ("- a list", "top level"),
