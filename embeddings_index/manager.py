@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from embeddings_index.embedder import Embedder
-from embeddings_index.faiss_index import ExemplarIndex, IndexHolder
+from embeddings_index.faiss_index import ExemplarIndex, IndexHolder, IndexOptions
+from embeddings_index.snapshot import load_snapshot, save_snapshot
 from embeddings_index.starter import STARTER_DIR, sync_starter_pack
 from embeddings_index.store import Exemplar, ExemplarStore, text_key
 
@@ -46,13 +47,21 @@ class IndexManager:
     """The exemplar store, the embedder that fills it, and the current index."""
 
     def __init__(
-        self, store: ExemplarStore, embedder: Embedder, *, prepare: Callable[[str], str] = str
+        self,
+        store: ExemplarStore,
+        embedder: Embedder,
+        *,
+        prepare: Callable[[str], str] = str,
+        index_options: IndexOptions | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.prepare = prepare
+        self.index_options = index_options or IndexOptions()
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self._write_lock = threading.RLock()
-        self._holder = IndexHolder(self._build())
+        self._holder = IndexHolder(self._load_or_build())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed exemplar texts as queries are embedded (after `prepare`)."""
@@ -66,8 +75,10 @@ class IndexManager:
         *,
         prepare: Callable[[str], str] = str,
         starter_dir: Path | None = STARTER_DIR,
+        index_options: IndexOptions | None = None,
+        snapshot_dir: Path | None = None,
     ) -> IndexManager:
-        """Open (or create) the store under `data_dir` and build the index.
+        """Open (or create) the store under `data_dir` and build (or load) the index.
 
         Args:
             data_dir: Directory for `exemplars.sqlite3`.
@@ -75,6 +86,9 @@ class IndexManager:
             prepare: Turns an exemplar's text into what the embedder reads; it
                 must match what queries go through (tier-0 normalisation).
             starter_dir: The starter pack to keep in step with, or None for none.
+            index_options: Exact or approximate structure and its knobs (defaults if None).
+            snapshot_dir: Where to save the built index and load it from at the
+                next start (`<data_dir>/index` by convention); None: always rebuild.
         """
         store = ExemplarStore(Path(data_dir) / "exemplars.sqlite3")
         if starter_dir is not None:
@@ -88,12 +102,39 @@ class IndexManager:
             if added:
                 log.info("added %d starter exemplars from %s", added, starter_dir)
         _reembed_stale(store, embedder, prepare)
-        return cls(store, embedder, prepare=prepare)
+        return cls(
+            store, embedder, prepare=prepare, index_options=index_options, snapshot_dir=snapshot_dir
+        )
 
     @property
     def index(self) -> ExemplarIndex:
         """The current index snapshot."""
         return self._holder.current
+
+    def _load_or_build(self) -> ExemplarIndex:
+        if self.snapshot_dir is not None:
+            index = load_snapshot(
+                self.snapshot_dir,
+                version=self.store.version,
+                model_id=self.embedder.model_id,
+                options=self.index_options,
+            )
+            if index is not None and len(index) == self.store.count():
+                log.info(
+                    "loaded the index snapshot of version %d from %s",
+                    index.version,
+                    self.snapshot_dir,
+                )
+                return index
+        index = self._build()
+        self._save(index)
+        return index
+
+    def _save(self, index: ExemplarIndex) -> None:
+        # An exact index rebuilds from the store in moments; only an approximate
+        # one (minutes of training at scale) is worth writing to disk.
+        if self.snapshot_dir is not None and index.approximate:
+            save_snapshot(self.snapshot_dir, index)
 
     def _build(self) -> ExemplarIndex:
         exemplars, vectors, missing = self.store.live_vectors(self.embedder.model_id)
@@ -108,13 +149,49 @@ class IndexManager:
             labels=[e.label for e in exemplars],
             categories=[e.category for e in exemplars],
             vectors=vectors,
+            options=self.index_options,
         )
 
     def refresh(self) -> ExemplarIndex:
         """Rebuild the index from the store and swap it in."""
-        index = self._build()
-        self._holder.swap(index)
+        with self._write_lock:
+            index = self._build()
+            self._holder.swap(index)
+            self._save(index)
         return index
+
+    def _changed(
+        self,
+        version: int,
+        *,
+        added: Sequence[Exemplar] = (),
+        vectors: np.ndarray | None = None,
+        removed: Sequence[str] = (),
+    ) -> None:
+        """Swap in an index at `version`, the store's state after one add or delete.
+
+        An approximate index takes the change on the side (`with_changes`: no
+        retraining) while its delta stays small and it is exactly one version
+        behind; anything else is a full rebuild, as for an exact index.
+        """
+        current = self.index
+        if not (
+            current.approximate
+            and version == current.version + 1
+            and current.delta_size + len(added) <= self.index_options.max_delta
+        ):
+            self.refresh()
+            return
+        index = current.with_changes(
+            version=version,
+            ids=[e.id for e in added],
+            labels=[e.label for e in added],
+            categories=[e.category for e in added],
+            vectors=vectors,
+            removed_ids=removed,
+        )
+        self._holder.swap(index)
+        self._save(index)
 
     def add(self, exemplars: Sequence[Exemplar], vectors: np.ndarray | None = None) -> int:
         """Store exemplars durably, then swap in an index that has them; returns the version."""
@@ -123,7 +200,7 @@ class IndexManager:
         exemplars = [e if e.id else replace(e, id=f"ex-{uuid.uuid4().hex[:16]}") for e in exemplars]
         with self._write_lock:
             version = self.store.add(exemplars, vectors, embedding_model=self.embedder.model_id)
-            self.refresh()
+            self._changed(version, added=exemplars, vectors=vectors)
         return version
 
     def add_checked(
@@ -189,7 +266,7 @@ class IndexManager:
         with self._write_lock:
             version = self.store.delete(exemplar_id)
             if version is not None:
-                self.refresh()
+                self._changed(version, removed=[exemplar_id])
         return version
 
 
