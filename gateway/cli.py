@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                           metavar="FILE", help="labelled JSONL files (repeatable)")  # fmt: skip
     evaluate.add_argument("--policy", default="", help="policy whose thresholds apply")
     evaluate.add_argument("--json", action="store_true", help="print the reports as JSON")
+    evaluate.add_argument("--cross-source", action="store_true",
+                          help="leave one source (file) out: fit and choose thresholds on the "
+                               "other files, score the held-out one; with the Vigil baseline")  # fmt: skip
+    evaluate.add_argument("--cache", type=Path, metavar="FILE",
+                          help="vector cache for --cross-source (default: DATA_DIR/eval-vectors.npz)")  # fmt: skip
+    evaluate.add_argument("--target-escalation", type=float, default=0.03, metavar="RATE",
+                          help="--cross-source: escalate_at escalates this share of the training "
+                               "files' ordinary benign (default 0.03)")  # fmt: skip
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(
@@ -173,9 +181,20 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gateway.evaluate import evaluate_files, format_reports
+    from gateway.evaluate import evaluate_cross_source, evaluate_files, format_reports
+    from router.cross_source import format_cross_source
 
     config = _load(args)
+    if args.cross_source:
+        try:
+            result = evaluate_cross_source(
+                config, args.data, policy_name=args.policy, cache_path=args.cache,
+                target=args.target_escalation,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise SystemExit(f"tierguard: {exc}") from None
+        print(json.dumps(result.as_dict(), indent=1) if args.json else format_cross_source(result))
+        return 0
     reports = evaluate_files(config, args.data, policy_name=args.policy)
     if args.json:
         print(json.dumps({k: [r.as_dict() for r in v] for k, v in reports.items()}, indent=1))

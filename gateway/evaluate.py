@@ -1,18 +1,38 @@
-"""`tierguard eval`: tiers 0 and 1 in process over labelled JSONL files."""
+"""`tierguard eval`: tiers 0 and 1 in process over labelled JSONL files.
+
+`evaluate_files` measures the shipped router as it is (in-sample when the
+scorer was fitted on the same files); `evaluate_cross_source` measures it
+leave-one-source-out (see `router.cross_source`).
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from embeddings_index.embedder import Embedder
+from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
+from embeddings_index.starter import load_precomputed_vectors, load_starter_pack
 from gateway.app import Gateway
 from gateway.config import Config
+from router.cross_source import CrossSourceResult, VectorCache, build_corpus, cross_source
 from router.evaluation import GroupReport, LabelledText, read_labelled, report_groups
+from router.prefilter import Prefilter
 from router.router import RouteResult
+from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
+from router.training import FitSettings
 
-__all__ = ["evaluate_files", "format_reports", "route_rows"]
+__all__ = [
+    "CROSS_SOURCE_CACHE",
+    "evaluate_cross_source",
+    "evaluate_files",
+    "format_reports",
+    "route_rows",
+]
+
+# Vectors of evaluated texts, under the data directory unless --cache says otherwise.
+CROSS_SOURCE_CACHE = "eval-vectors.npz"
 
 
 def route_rows(
@@ -55,6 +75,52 @@ def evaluate_files(
         "category": report_groups(rows, routes, scores, sorted(by_category.items())),
         "overall": report_groups(rows, routes, scores, [("all", range(len(rows)))]),
     }
+
+
+def evaluate_cross_source(
+    config: Config,
+    paths: Sequence[Path],
+    *,
+    policy_name: str = "",
+    embedder: Embedder | None = None,
+    cache_path: Path | None = None,
+    target: float = 0.03,
+) -> CrossSourceResult:
+    """Leave-one-source-out over `paths`: the router and the Vigil-style baseline.
+
+    The index is the shipped starter pack alone; the scorer is refitted per
+    fold with the shipped model's k, temperature and windows and
+    `scripts/fit_scorer.py`'s other settings (`FitSettings`); vectors are cached in `cache_path` (default: the data
+    directory's `eval-vectors.npz`).
+    """
+    rows = [row for path in paths for row in read_labelled(path)]
+    if len({r.file for r in rows}) < 2:
+        raise ValueError("--cross-source needs at least two labelled files")
+    policy = config.policy(policy_name or config.default_policy)
+    if policy is None:
+        raise ValueError(f"unknown policy {policy_name!r}")
+    if embedder is None:
+        embedder = SentenceTransformerEmbedder(config.embedding.model_path)
+    shipped = ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH)
+    settings = replace(
+        FitSettings(),
+        k=policy.k or shipped.k,
+        temperature=shipped.temperature,
+        embedding_head=shipped.embedding_weights is not None,
+        window_words=shipped.window_words,
+        window_stride=shipped.window_stride,
+    )
+    cache = VectorCache(cache_path or config.data_dir / CROSS_SOURCE_CACHE, embedder.model_id)
+    corpus = build_corpus(
+        rows,
+        load_starter_pack(),
+        cache=cache,
+        encode=embedder.encode,
+        prefilter=Prefilter.from_directory(),
+        settings=settings,
+        pack_vectors=load_precomputed_vectors(),
+    )
+    return cross_source(corpus, target=target, policy_escalate_at=policy.thresholds.escalate_at)
 
 
 def format_reports(reports: dict[str, list[GroupReport]]) -> str:

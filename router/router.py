@@ -3,10 +3,15 @@
 normalise -> prefilter (a blocking rule ends it here) -> embed -> k nearest
 exemplars -> risk score -> route. Each stage is timed. The router knows
 nothing of gRPC; the gateway turns a `RouteResult` into a response.
+
+A long text is also embedded in windows (see `ScoringModel.segments`): the
+embedder reads only the start of a text, so each window is scored like a text
+of its own and the riskiest reading counts; its neighbours are the evidence.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -113,10 +118,12 @@ class Router:
         index = self._index()
         if any(hit.action is RuleAction.BLOCK for hit in hits):
             return self._tier0_block(normalized, hits, thresholds, index, start, t_norm, t_pre)
-        vector = await embed(normalized.text)
+        segments = self._scoring.segments(normalized.text)
+        vectors = await asyncio.gather(embed(normalized.text), *(embed(s) for s in segments))
         t_embed = time.perf_counter()
-        neighbors = index.search(vector[None, :], k or self._scoring.k)[0]
-        result = self._decide(normalized, hits, vector, neighbors, thresholds, index)
+        stacked = np.vstack(vectors)
+        neighbors = index.search(stacked, k or self._scoring.k)
+        result = self._decide(normalized, hits, stacked, neighbors, thresholds, index)
         timings = Timings(
             normalize_ms=_ms(start, t_norm),
             prefilter_ms=_ms(t_norm, t_pre),
@@ -137,26 +144,39 @@ class Router:
         normalized = [normalize(t) for t in texts]
         hits = [tuple(self._prefilter.scan(n)) for n in normalized]
         index = self._index()
-        vectors = encode([n.text for n in normalized])
+        readings = [[n.text, *self._scoring.segments(n.text)] for n in normalized]
+        flat = [reading for group in readings for reading in group]
+        vectors = encode(flat) if flat else np.zeros((0, index.dim), dtype=np.float32)
         all_neighbors = index.search(vectors, k or self._scoring.k)
-        return [
-            self._decide(n, h, v, nb, thresholds, index)
-            for n, h, v, nb in zip(normalized, hits, vectors, all_neighbors, strict=True)
-        ]
+        results = []
+        start = 0
+        for n, h, group in zip(normalized, hits, readings, strict=True):
+            end = start + len(group)
+            results.append(
+                self._decide(n, h, vectors[start:end], all_neighbors[start:end], thresholds, index)
+            )
+            start = end
+        return results
 
     def _decide(
         self,
         normalized: NormalizedText,
         hits: tuple[PrefilterHit, ...],
-        vector: np.ndarray,
-        neighbors: Neighbors,
+        vectors: np.ndarray,
+        neighbors: Sequence[Neighbors],
         thresholds: Thresholds,
         index: ExemplarIndex,
     ) -> RouteResult:
-        evidence = Evidence(vector, neighbors, hits, obfuscated=bool(normalized.decoded))
-        score = self._scoring.score(evidence)
+        """Score the whole text (row 0) and its windows (rows 1..); the riskiest counts."""
+        obfuscated = bool(normalized.decoded)
+        scores = [
+            self._scoring.score(Evidence(vector, found, hits, obfuscated=obfuscated))
+            for vector, found in zip(vectors, neighbors, strict=True)
+        ]
+        best = int(np.argmax(scores))
+        score = scores[best]
         route, tier = route_for(score, hits, thresholds)
-        return RouteResult(route, tier, score, thresholds, normalized, hits, neighbors, index)
+        return RouteResult(route, tier, score, thresholds, normalized, hits, neighbors[best], index)
 
     @staticmethod
     def _tier0_block(

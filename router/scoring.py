@@ -19,6 +19,7 @@ import numpy as np
 
 from embeddings_index.faiss_index import Neighbors
 from router.prefilter import PrefilterHit, RuleAction
+from router.windows import windows
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
@@ -99,6 +100,10 @@ class ScoringModel:
         embedding_weights: Weights on the embedding itself, or None.
         feature_names: Must equal FEATURE_NAMES; kept to catch stale files.
         fitted_on: Free text: what data and script produced the weights.
+        window_words: A text longer than this many words (plus a quarter) is
+            also scored in windows of this many words, and its score is the
+            highest of the whole and the windows; 0 scores the whole text only.
+        window_stride: Words between window starts.
     """
 
     weights: tuple[float, ...]
@@ -108,6 +113,8 @@ class ScoringModel:
     embedding_weights: np.ndarray | None = field(default=None, repr=False)
     feature_names: tuple[str, ...] = FEATURE_NAMES
     fitted_on: str = ""
+    window_words: int = 0
+    window_stride: int = 0
 
     def __post_init__(self) -> None:
         if tuple(self.feature_names) != FEATURE_NAMES:
@@ -117,6 +124,14 @@ class ScoringModel:
             )
         if len(self.weights) != len(FEATURE_NAMES):
             raise ValueError(f"scoring model needs {len(FEATURE_NAMES)} weights")
+        if self.window_words and not 0 < self.window_stride <= self.window_words:
+            raise ValueError("scoring model needs 0 < window_stride <= window_words")
+
+    def segments(self, text: str) -> list[str]:
+        """The windows of `text` this model also scores (none for a short text)."""
+        if not self.window_words:
+            return []
+        return windows(text, size=self.window_words, stride=self.window_stride)
 
     def logit(self, evidence: Evidence) -> float:
         """The log-odds that the text is risky."""
@@ -144,6 +159,8 @@ class ScoringModel:
             embedding_weights=np.asarray(embedding, dtype=np.float32) if embedding else None,
             feature_names=tuple(raw.get("feature_names", FEATURE_NAMES)),
             fitted_on=str(raw.get("fitted_on", "")),
+            window_words=int(raw.get("window_words", 0)),
+            window_stride=int(raw.get("window_stride", 0)),
         )
 
     def save(self, path: Path) -> None:
@@ -155,6 +172,8 @@ class ScoringModel:
             "temperature": self.temperature,
             "k": self.k,
             "fitted_on": self.fitted_on,
+            "window_words": self.window_words,
+            "window_stride": self.window_stride,
             "embedding_weights": (
                 [round(float(w), 6) for w in self.embedding_weights]
                 if self.embedding_weights is not None

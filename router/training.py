@@ -18,17 +18,45 @@ from embeddings_index.faiss_index import ExemplarIndex, Neighbors
 from router.normalize import normalize
 from router.prefilter import Prefilter
 from router.scoring import Evidence, ScoringModel, features
+from router.windows import WINDOW_STRIDE, WINDOW_WORDS
 
 PACK_PREFIX = "starter:"
 
 __all__ = [
     "PACK_PREFIX",
+    "FitSettings",
     "TrainingExample",
+    "design_matrix",
     "evidence_for",
     "fit_logistic",
     "fit_scoring_model",
     "group_weights",
+    "group_weights_for",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class FitSettings:
+    """How the shipped scoring model is fitted (`scripts/fit_scorer.py` defaults).
+
+    Attributes:
+        k: Neighbours per text.
+        temperature: Softmax temperature of the similarity-weighted risky share.
+        embedding_head: Also learn weights on the embedding itself (a linear probe).
+        l2: Regularisation strength (per unit of total sample weight).
+        pack_share: Weight of the shipped pack within each label (see `group_weights`).
+        window_words: Long texts are also scored in windows of this many words
+            (0: whole texts only); see `ScoringModel.segments`.
+        window_stride: Words between window starts.
+    """
+
+    k: int = 10
+    temperature: float = 0.05
+    embedding_head: bool = True
+    l2: float = 10.0
+    pack_share: float = 0.5
+    window_words: int = WINDOW_WORDS
+    window_stride: int = WINDOW_STRIDE
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +112,39 @@ def group_weights(examples: Sequence[TrainingExample], *, pack_share: float = 0.
     split generalises better than letting the many labelled files outvote the
     pack.
     """
-    counts = Counter((e.risky, e.group) for e in examples)
-    sides = Counter((risky, group.startswith(PACK_PREFIX)) for risky, group in counts)
-    weights = np.empty(len(examples))
-    for i, e in enumerate(examples):
-        from_pack = e.group.startswith(PACK_PREFIX)
-        both_sides = sides[(e.risky, True)] and sides[(e.risky, False)]
+    return group_weights_for(
+        [e.risky for e in examples], [e.group for e in examples], pack_share=pack_share
+    )
+
+
+def group_weights_for(
+    risky: Sequence[bool], groups: Sequence[str], *, pack_share: float = 0.5
+) -> np.ndarray:
+    """`group_weights` from parallel sequences of labels and groups."""
+    pairs = [(bool(r), g) for r, g in zip(risky, groups, strict=True)]
+    counts = Counter(pairs)
+    sides = Counter((r, g.startswith(PACK_PREFIX)) for r, g in counts)
+    weights = np.empty(len(pairs))
+    for i, (r, g) in enumerate(pairs):
+        from_pack = g.startswith(PACK_PREFIX)
+        both_sides = sides[(r, True)] and sides[(r, False)]
         share = (pack_share if from_pack else 1.0 - pack_share) if both_sides else 1.0
-        weights[i] = share / (sides[(e.risky, from_pack)] * counts[(e.risky, e.group)])
-    return weights * len(examples) / weights.sum()
+        weights[i] = share / (sides[(r, from_pack)] * counts[(r, g)])
+    return weights * len(pairs) / weights.sum()
+
+
+def design_matrix(
+    examples: Sequence[TrainingExample],
+    evidence: Sequence[Evidence],
+    *,
+    temperature: float,
+    embedding_head: bool,
+) -> np.ndarray:
+    """One row per example: the named features, then (with the head) the embedding."""
+    x = np.vstack([features(ev, temperature=temperature) for ev in evidence])
+    if embedding_head:
+        x = np.hstack([x, np.vstack([e.vector for e in examples]).astype(np.float64)])
+    return x
 
 
 def fit_logistic(
@@ -131,36 +183,31 @@ def fit_scoring_model(
     index: ExemplarIndex,
     prefilter: Prefilter,
     *,
-    k: int = 10,
-    temperature: float = 0.05,
-    embedding_head: bool = True,
-    l2: float = 3.0,
-    pack_share: float = 0.5,
+    settings: FitSettings | None = None,
     fitted_on: str = "",
 ) -> ScoringModel:
-    """Fit a ScoringModel on `examples` against `index`.
-
-    Args:
-        embedding_head: Also learn weights on the embedding itself (a linear
-            probe), on top of the kNN and prefilter features.
-        l2: Regularisation strength (per unit of total sample weight).
-        pack_share: Weight of the shipped pack within each label (see `group_weights`).
-    """
-    evidence = evidence_for(examples, index, prefilter, k)
-    x = np.vstack([features(ev, temperature=temperature) for ev in evidence])
-    if embedding_head:
-        x = np.hstack([x, np.vstack([e.vector for e in examples])])
+    """Fit a ScoringModel on `examples` against `index` (see `FitSettings`)."""
+    settings = settings or FitSettings()
+    evidence = evidence_for(examples, index, prefilter, settings.k)
+    x = design_matrix(
+        examples,
+        evidence,
+        temperature=settings.temperature,
+        embedding_head=settings.embedding_head,
+    )
     y = np.array([e.risky for e in examples], dtype=np.float64)
-    weights = group_weights(examples, pack_share=pack_share)
-    coefficients, intercept = fit_logistic(x, y, weights, l2=l2)
-    n_features = x.shape[1] - (index.dim if embedding_head else 0)
+    weights = group_weights(examples, pack_share=settings.pack_share)
+    coefficients, intercept = fit_logistic(x, y, weights, l2=settings.l2)
+    n_features = x.shape[1] - (index.dim if settings.embedding_head else 0)
     return ScoringModel(
         weights=tuple(float(w) for w in coefficients[:n_features]),
         bias=intercept,
-        temperature=temperature,
-        k=k,
+        temperature=settings.temperature,
+        k=settings.k,
         embedding_weights=(
-            coefficients[n_features:].astype(np.float32) if embedding_head else None
+            coefficients[n_features:].astype(np.float32) if settings.embedding_head else None
         ),
         fitted_on=fitted_on,
+        window_words=settings.window_words,
+        window_stride=settings.window_stride,
     )

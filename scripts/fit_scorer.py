@@ -4,7 +4,8 @@ The model is a logistic regression over the router's evidence (nearest
 exemplars of the shipped starter pack, prefilter hits) and a linear probe of
 the embedding. It is fitted on the starter pack itself (each exemplar scored
 without its own entry) plus the labelled JSONL files given with --data; only
-the weights ship, never the texts.
+the weights ship, never the texts. The defaults (`router.training.FitSettings`)
+are the ones measured best leave-one-source-out (`tierguard eval --cross-source`).
 
     python scripts/fit_scorer.py --data ../shared/datasets/*.jsonl [--out FILE]
 """
@@ -28,19 +29,37 @@ from router.evaluation import read_labelled  # noqa: E402
 from router.normalize import normalize  # noqa: E402
 from router.prefilter import Prefilter  # noqa: E402
 from router.scoring import DEFAULT_MODEL_PATH  # noqa: E402
-from router.training import PACK_PREFIX, TrainingExample, fit_scoring_model  # noqa: E402
+from router.training import (  # noqa: E402
+    PACK_PREFIX,
+    FitSettings,
+    TrainingExample,
+    fit_scoring_model,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", type=Path, required=True, help="labelled JSONL files")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--l2", type=float, default=3.0, help="regularisation strength")
-    parser.add_argument("--pack-share", type=float, default=0.5,
+    defaults = FitSettings()
+    parser.add_argument("--l2", type=float, default=defaults.l2, help="regularisation strength")
+    parser.add_argument("--pack-share", type=float, default=defaults.pack_share,
                         help="weight of the starter pack within each label")  # fmt: skip
-    parser.add_argument("--k", type=int, default=10, help="neighbours per text")
+    parser.add_argument("--k", type=int, default=defaults.k, help="neighbours per text")
+    parser.add_argument("--window-words", type=int, default=defaults.window_words,
+                        help="also score long texts in windows of this many words (0: off)")  # fmt: skip
+    parser.add_argument("--window-stride", type=int, default=defaults.window_stride)
     parser.add_argument("--no-embedding-head", action="store_true")
     args = parser.parse_args(argv)
+    settings = FitSettings(
+        k=args.k,
+        temperature=defaults.temperature,
+        embedding_head=not args.no_embedding_head,
+        l2=args.l2,
+        pack_share=args.pack_share,
+        window_words=args.window_words,
+        window_stride=args.window_stride,
+    )
 
     embedder = SentenceTransformerEmbedder()
     pack = load_starter_pack()
@@ -69,14 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         examples,
         index,
         Prefilter.from_directory(),
-        k=args.k,
-        embedding_head=not args.no_embedding_head,
-        l2=args.l2,
-        pack_share=args.pack_share,
+        settings=settings,
         fitted_on=(
             f"scripts/fit_scorer.py: starter pack ({len(pack)} exemplars) + "
             f"{len(rows)} labelled texts from {len(args.data)} files (names sha256 {digest}); "
-            f"l2={args.l2}, pack_share={args.pack_share}, k={args.k}, embedder {embedder.model_id}"
+            f"l2={args.l2}, pack_share={args.pack_share}, k={args.k}, "
+            f"windows {args.window_words}/{args.window_stride}, embedder {embedder.model_id}"
         ),
     )
     model.save(args.out)

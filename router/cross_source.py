@@ -1,0 +1,547 @@
+"""Cross-source evaluation: how the router does on a source of traffic it never saw.
+
+Leave one source out. For each labelled file F:
+
+* the index is the shipped starter pack only (what a fresh gateway holds; the
+  other files' texts are *not* added to it, because the shipped index never
+  holds them);
+* the scoring model is fitted as `scripts/fit_scorer.py` fits it, on the
+  starter pack plus every labelled file except F;
+* `escalate_at` is chosen on the other files (`threshold_for`): the lowest
+  score that escalates at most the target share (3%) of their ordinary-benign
+  texts, where each of those files is scored by a model fitted without it
+  (nested leave-one-source-out), so the threshold reflects how the scorer
+  behaves on unseen traffic rather than on the traffic it was fitted on;
+* then F is scored and cut at that threshold.
+
+A text counts as caught when its score reaches the threshold or a blocking
+prefilter rule fires (its score is then 1.0, as the router reports it).
+
+The same splits run the Vigil-style baseline: all-MiniLM-L6-v2 vectors, an
+index of every risky text of the other files, flag when the nearest one is
+within cosine distance 0.4 (similarity >= 0.6), and the same baseline with
+its threshold chosen by the rule above.
+
+Everything here is pure given the vectors; `VectorCache` keeps them on disk
+by a hash of the model and the normalised text, so a run embeds each text once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embeddings_index.faiss_index import ExemplarIndex
+from embeddings_index.store import Exemplar
+from router.decision import Route
+from router.evaluation import GroupReport, LabelledText, report_groups
+from router.normalize import normalize
+from router.prefilter import Prefilter, RuleAction
+from router.training import (
+    PACK_PREFIX,
+    FitSettings,
+    TrainingExample,
+    design_matrix,
+    evidence_for,
+    fit_logistic,
+    group_weights_for,
+)
+from router.windows import windows
+
+__all__ = [
+    "Corpus",
+    "CrossSourceResult",
+    "FoldedScores",
+    "RuleResult",
+    "VectorCache",
+    "build_corpus",
+    "cross_source",
+    "cut",
+    "format_cross_source",
+    "leave_one_source_out",
+    "quantile_thresholds",
+    "router_method",
+    "threshold_for",
+    "vigil_method",
+]
+
+Encode = Callable[[list[str]], np.ndarray]
+# A fitted method: row indices of the corpus -> risk scores.
+Scorer = Callable[[np.ndarray], np.ndarray]
+# A method: the files it may learn from -> a fitted scorer.
+Method = Callable[[frozenset[str]], Scorer]
+
+
+class VectorCache:
+    """Embeddings on disk, keyed by a hash of the model id and the prepared text.
+
+    Args:
+        path: An `.npz` file (created on `save`); None keeps vectors in memory only.
+        model_id: Vectors of different models never mix.
+    """
+
+    def __init__(self, path: Path | None, model_id: str) -> None:
+        self.path = Path(path) if path else None
+        self.model_id = model_id
+        self._vectors: dict[str, np.ndarray] = {}
+        self._dirty = False
+        if self.path and self.path.is_file():
+            with np.load(self.path) as data:
+                self._vectors = dict(
+                    zip(data["keys"].tolist(), data["vectors"].astype(np.float32), strict=True)
+                )
+
+    def key(self, prepared_text: str) -> str:
+        """The cache key of one prepared (normalised) text."""
+        return hashlib.sha256(f"{self.model_id}\0{prepared_text}".encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Remember vectors computed elsewhere (e.g. the starter pack's shipped ones)."""
+        for key, vector in zip(keys, vectors, strict=True):
+            if key not in self._vectors:
+                self._vectors[key] = np.asarray(vector, dtype=np.float32)
+                self._dirty = True
+
+    def vectors(self, prepared_texts: Sequence[str], encode: Encode) -> np.ndarray:
+        """Vectors of `prepared_texts`, embedding (once) only those not cached yet."""
+        keys = [self.key(t) for t in prepared_texts]
+        missing = {
+            k: t for k, t in zip(keys, prepared_texts, strict=True) if k not in self._vectors
+        }
+        if missing:
+            fresh = encode(list(missing.values()))
+            self.put(list(missing), fresh)
+        if not keys:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.vstack([self._vectors[k] for k in keys])
+
+    def save(self) -> None:
+        """Write the cache if anything was added."""
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        keys = list(self._vectors)
+        np.savez(tmp, keys=np.array(keys), vectors=np.vstack([self._vectors[k] for k in keys]))
+        tmp.replace(self.path)
+        self._dirty = False
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Everything a cross-source run needs, computed once.
+
+    Attributes:
+        rows: The labelled texts.
+        files: The file (source) of each row.
+        risky: Label of each row.
+        hard: True for `benign_hard` rows.
+        blocked: A blocking prefilter rule fires on the row.
+        vectors: Embedding of each row's normalised text.
+        x: The router's design matrix for each row (features against the
+            starter-pack index, then the embedding).
+        pack_x: The same for each starter exemplar, scored without its own entry.
+        pack_risky: Label of each starter exemplar.
+        pack_groups: "starter:<category>" of each starter exemplar.
+        settings: How the scorer is fitted.
+        segment_x: Design rows of the windows of long rows (see
+            `ScoringModel.segments`); a row's score is the highest of its own
+            and its windows'.
+        segment_owner: The row each window belongs to.
+    """
+
+    rows: Sequence[LabelledText]
+    files: np.ndarray
+    risky: np.ndarray
+    hard: np.ndarray
+    blocked: np.ndarray
+    vectors: np.ndarray
+    x: np.ndarray
+    pack_x: np.ndarray
+    pack_risky: np.ndarray
+    pack_groups: Sequence[str]
+    settings: FitSettings = field(default_factory=FitSettings)
+    segment_x: np.ndarray | None = None
+    segment_owner: np.ndarray | None = None
+
+    @property
+    def file_names(self) -> list[str]:
+        """The distinct files, sorted."""
+        return sorted(set(self.files.tolist()))
+
+    def ordinary_benign(self, indices: np.ndarray) -> np.ndarray:
+        """The ordinary-benign rows (label benign, not benign_hard) among `indices`."""
+        keep = ~self.risky[indices] & ~self.hard[indices]
+        return indices[keep]
+
+
+def build_corpus(
+    rows: Sequence[LabelledText],
+    pack: Sequence[Exemplar],
+    *,
+    cache: VectorCache,
+    encode: Encode,
+    prefilter: Prefilter,
+    settings: FitSettings | None = None,
+    pack_vectors: Mapping[str, np.ndarray] | None = None,
+) -> Corpus:
+    """Embed (through the cache) and extract the router's evidence for rows and pack.
+
+    Args:
+        pack_vectors: Shipped precomputed vectors of the pack by cache key (the
+            router uses those at run time); missing ones are embedded.
+    """
+    settings = settings or FitSettings()
+    normalized_rows = [normalize(r.text) for r in rows]
+    normalized_pack = [normalize(e.text) for e in pack]
+    if pack_vectors:
+        keys = [cache.key(n.text) for n in normalized_pack]
+        known = [i for i, key in enumerate(keys) if key in pack_vectors]
+        cache.put([keys[i] for i in known], np.vstack([pack_vectors[keys[i]] for i in known]))
+    v_pack = cache.vectors([n.text for n in normalized_pack], encode)
+    v_rows = cache.vectors([n.text for n in normalized_rows], encode)
+    segments = [
+        windows(n.text, size=settings.window_words, stride=settings.window_stride)
+        if settings.window_words
+        else []
+        for n in normalized_rows
+    ]
+    owners = np.array([i for i, group in enumerate(segments) for _ in group], dtype=np.int64)
+    flat = [s for group in segments for s in group]
+    v_segments = cache.vectors(flat, encode) if flat else None
+    cache.save()
+    index = ExemplarIndex(
+        version=1,
+        model_id=cache.model_id,
+        ids=[e.id for e in pack],
+        labels=[e.label for e in pack],
+        categories=[e.category for e in pack],
+        vectors=v_pack,
+    )
+    pack_examples = [
+        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, v_pack[i], i)
+        for i, e in enumerate(pack)
+    ]
+    row_examples = [
+        TrainingExample(r.text, r.label == "risky", r.file, v_rows[i]) for i, r in enumerate(rows)
+    ]
+
+    def matrix(examples: list[TrainingExample]) -> np.ndarray:
+        evidence = evidence_for(examples, index, prefilter, settings.k)
+        return design_matrix(
+            examples,
+            evidence,
+            temperature=settings.temperature,
+            embedding_head=settings.embedding_head,
+        )
+
+    segment_x = None
+    if v_segments is not None:
+        segment_examples = [
+            TrainingExample(rows[o].text, rows[o].label == "risky", rows[o].file, v_segments[j])
+            for j, o in enumerate(owners)
+        ]
+        # Each window carries its whole text's prefilter hits (the example's
+        # text is the whole text), as in the router.
+        evidence = evidence_for(segment_examples, index, prefilter, settings.k)
+        segment_x = design_matrix(
+            segment_examples,
+            evidence,
+            temperature=settings.temperature,
+            embedding_head=settings.embedding_head,
+        )
+    blocked = np.array(
+        [any(h.action is RuleAction.BLOCK for h in prefilter.scan(n)) for n in normalized_rows],
+        dtype=bool,
+    )
+    return Corpus(
+        rows=list(rows),
+        files=np.array([r.file for r in rows]),
+        risky=np.array([r.label == "risky" for r in rows], dtype=bool),
+        hard=np.array([r.category == "benign_hard" for r in rows], dtype=bool),
+        blocked=blocked,
+        vectors=v_rows,
+        x=matrix(row_examples),
+        pack_x=matrix(pack_examples),
+        pack_risky=np.array([e.risky for e in pack_examples], dtype=bool),
+        pack_groups=[e.group for e in pack_examples],
+        settings=settings,
+        segment_x=segment_x,
+        segment_owner=owners if segment_x is not None else None,
+    )
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+
+
+def router_method(corpus: Corpus) -> Method:
+    """The router as shipped: the scorer fitted on the pack plus the allowed files.
+
+    A row scores the highest of its whole text and its windows; rows a
+    blocking prefilter rule catches score 1.0, as the router reports them.
+    """
+    settings = corpus.settings
+
+    def fit(train_files: frozenset[str]) -> Scorer:
+        mask = np.isin(corpus.files, sorted(train_files))
+        x = np.vstack([corpus.pack_x, corpus.x[mask]])
+        y = np.concatenate([corpus.pack_risky, corpus.risky[mask]]).astype(np.float64)
+        groups = list(corpus.pack_groups) + corpus.files[mask].tolist()
+        weights = group_weights_for(y.astype(bool), groups, pack_share=settings.pack_share)
+        coefficients, intercept = fit_logistic(x, y, weights, l2=settings.l2)
+
+        def score(indices: np.ndarray) -> np.ndarray:
+            s = _sigmoid(corpus.x[indices] @ coefficients + intercept)
+            if corpus.segment_x is not None and corpus.segment_owner is not None:
+                position = np.full(len(corpus.rows), -1)
+                position[indices] = np.arange(len(indices))
+                mine = position[corpus.segment_owner] >= 0
+                if mine.any():
+                    windows = _sigmoid(corpus.segment_x[mine] @ coefficients + intercept)
+                    np.maximum.at(s, position[corpus.segment_owner[mine]], windows)
+            return np.where(corpus.blocked[indices], 1.0, s)
+
+        return score
+
+    return fit
+
+
+def vigil_method(corpus: Corpus) -> Method:
+    """Vigil-style: cosine similarity to the nearest risky text of the allowed files."""
+
+    def fit(train_files: frozenset[str]) -> Scorer:
+        mask = np.isin(corpus.files, sorted(train_files)) & corpus.risky
+        bank = corpus.vectors[mask]
+
+        def score(indices: np.ndarray) -> np.ndarray:
+            if not len(bank):
+                return np.zeros(len(indices))
+            sims = np.empty(len(indices))
+            for start in range(0, len(indices), 1024):
+                chunk = corpus.vectors[indices[start : start + 1024]]
+                sims[start : start + 1024] = (chunk @ bank.T).max(axis=1)
+            return sims
+
+        return score
+
+    return fit
+
+
+def threshold_for(scores: np.ndarray, target: float) -> float:
+    """The lowest threshold t with mean(scores >= t) <= target (escalate when score >= t)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if not len(s):
+        return 0.0
+    allowed = int(np.floor(target * len(s) + 1e-9))
+    if allowed >= len(s):
+        return float(s[-1])
+    return float(np.nextafter(s[allowed], np.inf))
+
+
+@dataclass(frozen=True)
+class FoldedScores:
+    """A method's leave-one-source-out scores and, per fold, its calibration scores.
+
+    Attributes:
+        scores: Each row's score by the model fitted without the row's file.
+        calibration: Per held-out file, the ordinary-benign scores of the other
+            files, each scored by a model fitted without it and without the
+            held-out file (nested leave-one-source-out).
+    """
+
+    scores: np.ndarray
+    calibration: Mapping[str, np.ndarray]
+
+
+def leave_one_source_out(corpus: Corpus, method: Method) -> FoldedScores:
+    """Score every file with `method` fitted on the others, plus nested calibration scores."""
+    names = corpus.file_names
+    everything = frozenset(names)
+    fitted: dict[frozenset[str], Scorer] = {}
+
+    def scorer(excluded: frozenset[str]) -> Scorer:
+        if excluded not in fitted:
+            fitted[excluded] = method(everything - excluded)
+        return fitted[excluded]
+
+    rows_of = {f: np.flatnonzero(corpus.files == f) for f in names}
+    benign_of = {f: corpus.ordinary_benign(rows_of[f]) for f in names}
+    scores = np.full(len(corpus.rows), np.nan)
+    calibration: dict[str, np.ndarray] = {}
+    for held_out in names:
+        scores[rows_of[held_out]] = scorer(frozenset({held_out}))(rows_of[held_out])
+        parts = [
+            scorer(frozenset({held_out, other}))(benign_of[other])
+            for other in names
+            if other != held_out and len(benign_of[other])
+        ]
+        calibration[held_out] = np.concatenate(parts) if parts else np.zeros(0)
+    return FoldedScores(scores, calibration)
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One method cut by one threshold rule, reported per held-out file and overall.
+
+    Attributes:
+        name: Method and rule, e.g. "router, escalate_at = 3% benign quantile".
+        thresholds: The threshold applied to each held-out file.
+        files: One report per held-out file.
+        overall: All held-out rows pooled (each scored by its own fold's model).
+        categories: Pooled, per category.
+    """
+
+    name: str
+    thresholds: Mapping[str, float]
+    files: Sequence[GroupReport]
+    overall: GroupReport
+    categories: Sequence[GroupReport]
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready values."""
+        return {
+            "name": self.name,
+            "thresholds": dict(self.thresholds),
+            "files": [r.as_dict() for r in self.files],
+            "overall": self.overall.as_dict(),
+            "categories": [r.as_dict() for r in self.categories],
+        }
+
+
+def cut(
+    corpus: Corpus,
+    folded: FoldedScores,
+    thresholds: Mapping[str, float],
+    name: str,
+) -> RuleResult:
+    """Route every row at its fold's threshold and report."""
+    t = np.array([thresholds[f] for f in corpus.files.tolist()])
+    caught = folded.scores >= t
+    routes = [Route.ESCALATE if c else Route.ALLOW for c in caught]
+    by_file: dict[str, list[int]] = defaultdict(list)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(corpus.rows):
+        by_file[row.file].append(i)
+        by_category[row.category].append(i)
+    scores = folded.scores.tolist()
+    return RuleResult(
+        name=name,
+        thresholds=dict(thresholds),
+        files=report_groups(corpus.rows, routes, scores, sorted(by_file.items())),
+        overall=report_groups(corpus.rows, routes, scores, [("all", range(len(corpus.rows)))])[0],
+        categories=report_groups(corpus.rows, routes, scores, sorted(by_category.items())),
+    )
+
+
+def quantile_thresholds(folded: FoldedScores, target: float) -> dict[str, float]:
+    """Per held-out file: `threshold_for` its nested calibration scores."""
+    return {f: threshold_for(s, target) for f, s in folded.calibration.items()}
+
+
+@dataclass(frozen=True)
+class CrossSourceResult:
+    """All rules of one cross-source run (router first, then the baselines)."""
+
+    target: float
+    results: Sequence[RuleResult]
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready values."""
+        return {
+            "target_benign_escalation": self.target,
+            "results": [r.as_dict() for r in self.results],
+        }
+
+
+def cross_source(
+    corpus: Corpus,
+    *,
+    target: float = 0.03,
+    policy_escalate_at: float | None = None,
+    vigil_max_distance: float = 0.4,
+    extra_methods: Iterable[tuple[str, Method]] = (),
+) -> CrossSourceResult:
+    """The router and the Vigil-style baseline, leave-one-source-out on the same splits.
+
+    Args:
+        target: Share of ordinary-benign training traffic `escalate_at` may escalate.
+        policy_escalate_at: Also report the router at this fixed threshold.
+        vigil_max_distance: The baseline flags at cosine distance <= this.
+        extra_methods: More (name, method) pairs to run on the same splits.
+    """
+    pct = f"{target * 100:g}%"
+    results = []
+    methods = [("router", router_method(corpus)), *extra_methods]
+    for name, method in methods:
+        folded = leave_one_source_out(corpus, method)
+        results.append(
+            cut(corpus, folded, quantile_thresholds(folded, target), f"{name} @ {pct} benign")
+        )
+        if policy_escalate_at is not None and name == "router":
+            fixed = dict.fromkeys(corpus.file_names, policy_escalate_at)
+            results.append(
+                cut(corpus, folded, fixed, f"{name} @ policy escalate_at {policy_escalate_at:g}")
+            )
+    vigil = leave_one_source_out(corpus, vigil_method(corpus))
+    similarity = 1.0 - vigil_max_distance
+    results.append(
+        cut(
+            corpus,
+            vigil,
+            dict.fromkeys(corpus.file_names, similarity),
+            f"vigil @ distance <= {vigil_max_distance:g}",
+        )
+    )
+    results.append(cut(corpus, vigil, quantile_thresholds(vigil, target), f"vigil @ {pct} benign"))
+    return CrossSourceResult(target, results)
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+def format_cross_source(result: CrossSourceResult, *, categories: bool = True) -> str:
+    """Aligned text tables: per method and rule, per held-out file, then overall."""
+    header = (
+        f"{'held-out file':<36} {'n':>6} {'thresh':>7} {'recall':>7} "
+        f"{'esc_ben':>8} {'esc_hard':>8} {'auroc':>6}"
+    )
+    lines = []
+    for rule in result.results:
+        lines += [rule.name, header, "-" * len(header)]
+        for r in rule.files:
+            t = rule.thresholds.get(r.group)
+            lines.append(_line(r, t))
+        if categories:
+            lines.append("")
+            lines += [_line(r, None, prefix="category ") for r in rule.categories]
+        lines.append("-" * len(header))
+        lines.append(_line(rule.overall, None, name="overall (pooled)"))
+        lines.append("")
+    lines.append("summary (pooled over held-out files)")
+    summary = f"{'method @ rule':<48} {'recall':>7} {'esc_ben':>8} {'esc_hard':>8} {'auroc':>6}"
+    lines += [summary, "-" * len(summary)]
+    for rule in result.results:
+        o = rule.overall
+        lines.append(
+            f"{rule.name[:48]:<48} {_fmt(o.recall_risky, 7)} {_fmt(o.escalation_benign, 8)} "
+            f"{_fmt(o.escalation_benign_hard, 8)} {_fmt(o.auroc, 6)}"
+        )
+    return "\n".join(lines)
+
+
+def _line(r: GroupReport, t: float | None, *, prefix: str = "", name: str | None = None) -> str:
+    label = (name or prefix + r.group)[:36]
+    return (
+        f"{label:<36} {r.count:>6} {_fmt(t, 7)} {_fmt(r.recall_risky, 7)} "
+        f"{_fmt(r.escalation_benign, 8)} {_fmt(r.escalation_benign_hard, 8)} {_fmt(r.auroc, 6)}"
+    )
