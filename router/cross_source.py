@@ -36,20 +36,18 @@ from pathlib import Path
 
 import numpy as np
 
-from embeddings_index.faiss_index import ExemplarIndex
 from embeddings_index.store import Exemplar
 from router.decision import Route
 from router.evaluation import GroupReport, LabelledText, report_groups
 from router.normalize import normalize
 from router.prefilter import Prefilter, RuleAction
 from router.training import (
-    PACK_PREFIX,
     FitSettings,
     TrainingExample,
-    design_matrix,
-    evidence_for,
     fit_logistic,
     group_weights_for,
+    pack_training,
+    settings_matrix,
 )
 from router.windows import windows
 
@@ -218,30 +216,13 @@ def build_corpus(
     flat = [s for group in segments for s in group]
     v_segments = cache.vectors(flat, encode) if flat else None
     cache.save()
-    index = ExemplarIndex(
-        version=1,
-        model_id=cache.model_id,
-        ids=[e.id for e in pack],
-        labels=[e.label for e in pack],
-        categories=[e.category for e in pack],
-        vectors=v_pack,
-    )
-    pack_examples = [
-        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, v_pack[i], i)
-        for i, e in enumerate(pack)
-    ]
+    index, pack_examples = pack_training(pack, v_pack, cache.model_id)
     row_examples = [
         TrainingExample(r.text, r.label == "risky", r.file, v_rows[i]) for i, r in enumerate(rows)
     ]
 
     def matrix(examples: list[TrainingExample]) -> np.ndarray:
-        evidence = evidence_for(examples, index, prefilter, settings.k)
-        return design_matrix(
-            examples,
-            evidence,
-            temperature=settings.temperature,
-            embedding_head=settings.embedding_head,
-        )
+        return settings_matrix(examples, index, prefilter, settings)
 
     segment_x = None
     if v_segments is not None:
@@ -251,13 +232,7 @@ def build_corpus(
         ]
         # Each window carries its whole text's prefilter hits (the example's
         # text is the whole text), as in the router.
-        evidence = evidence_for(segment_examples, index, prefilter, settings.k)
-        segment_x = design_matrix(
-            segment_examples,
-            evidence,
-            temperature=settings.temperature,
-            embedding_head=settings.embedding_head,
-        )
+        segment_x = matrix(segment_examples)
     blocked = np.array(
         [any(h.action is RuleAction.BLOCK for h in prefilter.scan(n)) for n in normalized_rows],
         dtype=bool,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embeddings_index.faiss_index import ExemplarIndex, Neighbors
+from embeddings_index.store import Exemplar
 from router.normalize import normalize
 from router.prefilter import Prefilter
 from router.scoring import Evidence, ScoringModel, features
@@ -32,6 +33,8 @@ __all__ = [
     "fit_scoring_model",
     "group_weights",
     "group_weights_for",
+    "pack_training",
+    "settings_matrix",
 ]
 
 
@@ -147,6 +150,40 @@ def design_matrix(
     return x
 
 
+def settings_matrix(
+    examples: Sequence[TrainingExample],
+    index: ExemplarIndex,
+    prefilter: Prefilter,
+    settings: FitSettings,
+) -> np.ndarray:
+    """`design_matrix` of `examples` with the evidence the router would see (see `FitSettings`)."""
+    return design_matrix(
+        examples,
+        evidence_for(examples, index, prefilter, settings.k),
+        temperature=settings.temperature,
+        embedding_head=settings.embedding_head,
+    )
+
+
+def pack_training(
+    pack: Sequence[Exemplar], vectors: np.ndarray, model_id: str
+) -> tuple[ExemplarIndex, list[TrainingExample]]:
+    """The starter pack as an index and as training examples (each scored without itself)."""
+    index = ExemplarIndex(
+        version=1,
+        model_id=model_id,
+        ids=[e.id for e in pack],
+        labels=[e.label for e in pack],
+        categories=[e.category for e in pack],
+        vectors=vectors,
+    )
+    examples = [
+        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, vectors[i], i)
+        for i, e in enumerate(pack)
+    ]
+    return index, examples
+
+
 def fit_logistic(
     x: np.ndarray,
     y: np.ndarray,
@@ -188,13 +225,7 @@ def fit_scoring_model(
 ) -> ScoringModel:
     """Fit a ScoringModel on `examples` against `index` (see `FitSettings`)."""
     settings = settings or FitSettings()
-    evidence = evidence_for(examples, index, prefilter, settings.k)
-    x = design_matrix(
-        examples,
-        evidence,
-        temperature=settings.temperature,
-        embedding_head=settings.embedding_head,
-    )
+    x = settings_matrix(examples, index, prefilter, settings)
     y = np.array([e.risky for e in examples], dtype=np.float64)
     weights = group_weights(examples, pack_share=settings.pack_share)
     coefficients, intercept = fit_logistic(x, y, weights, l2=settings.l2)

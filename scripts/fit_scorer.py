@@ -23,17 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embeddings_index.embedder import SentenceTransformerEmbedder  # noqa: E402
-from embeddings_index.faiss_index import ExemplarIndex  # noqa: E402
 from embeddings_index.starter import load_starter_pack  # noqa: E402
 from router.evaluation import read_labelled  # noqa: E402
 from router.normalize import normalize  # noqa: E402
 from router.prefilter import Prefilter  # noqa: E402
 from router.scoring import DEFAULT_MODEL_PATH  # noqa: E402
 from router.training import (  # noqa: E402
-    PACK_PREFIX,
     FitSettings,
     TrainingExample,
     fit_scoring_model,
+    pack_training,
 )
 
 
@@ -68,18 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     pack_vectors = embedder.encode([normalize(e.text).text for e in pack])
     row_vectors = embedder.encode([normalize(r.text).text for r in rows])
 
-    index = ExemplarIndex(
-        version=1,
-        model_id=embedder.model_id,
-        ids=[e.id for e in pack],
-        labels=[e.label for e in pack],
-        categories=[e.category for e in pack],
-        vectors=pack_vectors,
-    )
-    examples = [
-        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, pack_vectors[i], i)
-        for i, e in enumerate(pack)
-    ] + [
+    index, pack_examples = pack_training(pack, pack_vectors, embedder.model_id)
+    examples = pack_examples + [
         TrainingExample(r.text, r.label == "risky", r.file, row_vectors[i])
         for i, r in enumerate(rows)
     ]
