@@ -91,7 +91,7 @@ class IndexOptions:
     approximate_above: int = 20_000
     structure: str = "ivf_flat"
     nlist: int = 0
-    nprobe: int = 48
+    nprobe: int = 24
     train_per_list: int = 64
     hnsw_m: int = 32
     ef_construction: int = 64
