@@ -22,24 +22,30 @@ def test_a_short_text_has_no_windows() -> None:
     assert windows(" ".join(["w"] * 5), size=4, stride=2) == []  # within size + size // 4
 
 
-def test_windows_overlap_and_reach_the_end() -> None:
+def test_windows_skip_the_start_overlap_and_reach_the_end() -> None:
     words = [f"w{i}" for i in range(23)]
-    found = windows(" ".join(words), size=8, stride=6)
-    assert [w.split()[0] for w in found] == ["w0", "w6", "w12", "w15"]
+    found = windows(" ".join(words), size=8, stride=6, max_windows=9)
+    # the start is what the whole text's own reading covers
+    assert [w.split()[0] for w in found] == ["w6", "w12", "w15"]
     assert all(len(w.split()) == 8 for w in found)
     assert found[-1].split()[-1] == "w22"
 
 
-def test_the_number_of_windows_is_capped_but_keeps_both_ends() -> None:
+def test_the_number_of_windows_is_capped_but_always_keeps_the_end() -> None:
     text = " ".join(f"w{i}" for i in range(1000))
     found = windows(text, size=10, stride=5, max_windows=4)
     assert len(found) == 4
-    assert found[0].startswith("w0 ") and found[-1].endswith("w999")
+    assert found[0].startswith("w5 ") and found[-1].endswith("w999")
+    assert len(windows(text, size=10, stride=5)) == 2  # the default bound
+    [last] = windows(text, size=10, stride=5, max_windows=1)
+    assert last.endswith("w999")
 
 
 def test_bad_window_settings_are_rejected() -> None:
     with pytest.raises(ValueError):
         windows("a b c", size=4, stride=5)
+    with pytest.raises(ValueError):
+        windows("a b c", max_windows=0)
     with pytest.raises(ValueError, match="window_stride"):
         ScoringModel(weights=(0.0,) * len(FEATURE_NAMES), bias=0.0, window_words=8)
 
