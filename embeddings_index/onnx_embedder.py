@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -291,7 +293,7 @@ class OnnxEmbedder:
         fingerprint = _fingerprint(self._layout)
         with _file_lock(self._cache_dir / f"{stem}.lock"):
             if not _is_current(fp32, fingerprint):
-                _export(self._layout, fp32, fingerprint)
+                _export_in_child(self._layout, fp32, fingerprint)
             if not self._quantized:
                 return fp32
             int8 = self._cache_dir / f"{stem}-int8.onnx"
@@ -385,6 +387,26 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _export_in_child(layout: _Layout, target: Path, fingerprint: str) -> None:
+    """`_export` in a child process: torch (hundreds of MB) never stays in the server."""
+    command = [
+        sys.executable,
+        "-m",
+        "embeddings_index.onnx_embedder",
+        str(layout.model_dir),
+        str(target),
+        fingerprint,
+    ]
+    log.info("exporting %s to ONNX at %s (once, in a child process)", layout.model_dir, target)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise EmbedderError(
+            f"exporting {layout.model_dir} to ONNX failed (exit {done.returncode}): "
+            + " | ".join(tail)
+        )
 
 
 def _export(layout: _Layout, target: Path, fingerprint: str) -> None:
@@ -514,3 +536,15 @@ def _quantize(source: Path, target: Path, fingerprint: str) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _commit(tmp, target, meta)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """Child-process entry point of `_export_in_child`: MODEL_DIR TARGET FINGERPRINT."""
+    model_dir, target, fingerprint = argv
+    logging.basicConfig(level=logging.WARNING)
+    _export(_Layout(Path(model_dir)), Path(target), fingerprint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

