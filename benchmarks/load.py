@@ -65,7 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Start the production server for one configuration; print its port; serve until told."""
     import logging
 
-    from gateway.app import Gateway, make_embedder
+    from gateway.app import Gateway
     from gateway.config import load_config
     from gateway.server import start_server
 
@@ -75,6 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
     overrides: dict[str, Any] = {
         "data_dir": str(args.work_dir / f"data-{args.serve}-{backend}"),
         "embedding.backend": backend,
+        # ONNX exports are shared between runs and data dirs.
+        "embedding.models_dir": str(args.work_dir / "models"),
         "server.host": "127.0.0.1",
         "server.port": 0,
         "embedding.max_batch": 1 if args.serve == "naive" else args.max_batch,
@@ -90,10 +92,8 @@ async def serve(args: argparse.Namespace) -> None:
         if config_name == args.serve:
             overrides[key] = value
     config = load_config(None, environ={}, overrides=overrides)
-    # ONNX exports are shared between runs and data dirs (the gateway's own default
-    # is <data_dir>/models).
-    embedder = make_embedder(config.embedding, args.work_dir / "models")
-    gateway = Gateway.create(config, embedder=embedder, environ={})  # local critic, no LLM
+    gateway = Gateway.create(config, environ={})  # local critic, no LLM
+    embedder = gateway.embedder
     running = await start_server(gateway, port=0)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

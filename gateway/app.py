@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from critic.constitution import Constitution, load_constitutions
@@ -30,7 +29,7 @@ from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
 from gateway.admin_state import AdminState
 from gateway.auth import Credentials, Principal, Role
-from gateway.config import Config, EmbeddingBackend, EmbeddingConfig, Policy
+from gateway.config import Config, EmbeddingBackend, Policy
 from gateway.decision_log import DecisionLog
 from gateway.errors import PermissionDenied, PolicyNotFound
 from gateway.policies import PolicyRegistry
@@ -45,19 +44,20 @@ __all__ = ["Gateway", "make_embedder"]
 log = logging.getLogger(__name__)
 
 
-def make_embedder(config: EmbeddingConfig, models_dir: Path) -> Embedder:
-    """The configured embedding backend; ONNX exports (once) into `models_dir`."""
-    if config.backend is EmbeddingBackend.TORCH:
-        return SentenceTransformerEmbedder(config.model_path)
+def make_embedder(config: Config) -> Embedder:
+    """The configured embedding backend; ONNX exports (once) into the models directory."""
+    embedding = config.embedding
+    if embedding.backend is EmbeddingBackend.TORCH:
+        return SentenceTransformerEmbedder(embedding.model_path)
     from embeddings_index.onnx_embedder import OnnxEmbedder
 
     return OnnxEmbedder(
-        models_dir,
-        config.model_path,
-        quantize=config.backend is EmbeddingBackend.ONNX_INT8,
-        token_budget=config.token_budget,
-        max_batch=config.max_batch,
-        threads=config.threads or None,
+        embedding.models_dir or config.data_dir / "models",
+        embedding.model_path,
+        quantize=embedding.backend is EmbeddingBackend.ONNX_INT8,
+        token_budget=embedding.token_budget,
+        max_batch=embedding.max_batch,
+        threads=embedding.threads or None,
     )
 
 
@@ -106,9 +106,7 @@ class Gateway:
             admin_state.close()
             raise
         if embedder is None:
-            embedder = make_embedder(
-                config.embedding, config.embedding.models_dir or config.data_dir / "models"
-            )
+            embedder = make_embedder(config)
         index = IndexManager.open(
             config.data_dir,
             embedder,

@@ -7,17 +7,21 @@ leave-one-source-out (see `router.cross_source`).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
+from embeddings_index.embedder import Embedder
 from embeddings_index.starter import load_precomputed_vectors, load_starter_pack
-from gateway.app import Gateway
+from gateway.app import Gateway, make_embedder
 from gateway.config import Config
 from router.cross_source import CrossSourceResult, VectorCache, build_corpus, cross_source
-from router.evaluation import GroupReport, LabelledText, read_labelled, report_groups
+from router.evaluation import (
+    GroupReport,
+    LabelledText,
+    read_labelled,
+    report_by_file_and_category,
+)
 from router.prefilter import Prefilter
 from router.router import RouteResult
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
@@ -63,18 +67,9 @@ def evaluate_files(
     rows = [row for path in paths for row in read_labelled(path)]
     gateway = Gateway.create(config, embedder=embedder)
     results = route_rows(gateway, rows, policy_name=policy_name)
-    routes = [r.route for r in results]
-    scores = [r.risk_score for r in results]
-    by_file: dict[str, list[int]] = defaultdict(list)
-    by_category: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_file[row.file].append(i)
-        by_category[row.category].append(i)
-    return {
-        "file": report_groups(rows, routes, scores, sorted(by_file.items())),
-        "category": report_groups(rows, routes, scores, sorted(by_category.items())),
-        "overall": report_groups(rows, routes, scores, [("all", range(len(rows)))]),
-    }
+    return report_by_file_and_category(
+        rows, [r.route for r in results], [r.risk_score for r in results]
+    )
 
 
 def evaluate_cross_source(
@@ -100,7 +95,7 @@ def evaluate_cross_source(
     if policy is None:
         raise ValueError(f"unknown policy {policy_name!r}")
     if embedder is None:
-        embedder = SentenceTransformerEmbedder(config.embedding.model_path)
+        embedder = make_embedder(config)
     shipped = ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH)
     settings = replace(
         FitSettings(),

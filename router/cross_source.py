@@ -29,7 +29,6 @@ by a hash of the model and the normalised text, so a run embeds each text once.
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 
 from embeddings_index.store import Exemplar
 from router.decision import Route
-from router.evaluation import GroupReport, LabelledText, report_groups
+from router.evaluation import GroupReport, LabelledText, report_by_file_and_category
 from router.normalize import normalize
 from router.prefilter import Prefilter, RuleAction
 from router.training import (
@@ -402,18 +401,13 @@ def cut(
     t = np.array([thresholds[f] for f in corpus.files.tolist()])
     caught = folded.scores >= t
     routes = [Route.ESCALATE if c else Route.ALLOW for c in caught]
-    by_file: dict[str, list[int]] = defaultdict(list)
-    by_category: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(corpus.rows):
-        by_file[row.file].append(i)
-        by_category[row.category].append(i)
-    scores = folded.scores.tolist()
+    reports = report_by_file_and_category(corpus.rows, routes, folded.scores.tolist())
     return RuleResult(
         name=name,
         thresholds=dict(thresholds),
-        files=report_groups(corpus.rows, routes, scores, sorted(by_file.items())),
-        overall=report_groups(corpus.rows, routes, scores, [("all", range(len(corpus.rows)))])[0],
-        categories=report_groups(corpus.rows, routes, scores, sorted(by_category.items())),
+        files=reports["file"],
+        overall=reports["overall"][0],
+        categories=reports["category"],
     )
 
 

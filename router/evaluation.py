@@ -8,6 +8,7 @@ refusal). AUROC measures the risk score alone, independent of thresholds.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,14 @@ import numpy as np
 
 from router.decision import Route
 
-__all__ = ["GroupReport", "LabelledText", "auroc", "read_labelled", "report_groups"]
+__all__ = [
+    "GroupReport",
+    "LabelledText",
+    "auroc",
+    "read_labelled",
+    "report_by_file_and_category",
+    "report_groups",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +137,19 @@ def report_groups(
             )
         )
     return reports
+
+
+def report_by_file_and_category(
+    rows: Sequence[LabelledText], routes: Sequence[Route], scores: Sequence[float]
+) -> dict[str, list[GroupReport]]:
+    """Reports under "file", "category" (each sorted by name) and "overall" (one report)."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_file[row.file].append(i)
+        by_category[row.category].append(i)
+    return {
+        "file": report_groups(rows, routes, scores, sorted(by_file.items())),
+        "category": report_groups(rows, routes, scores, sorted(by_category.items())),
+        "overall": report_groups(rows, routes, scores, [("all", range(len(rows)))]),
+    }
