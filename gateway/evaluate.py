@@ -85,7 +85,8 @@ def evaluate_cross_source(
 
     The index is the shipped starter pack alone; the scorer is refitted per
     fold with the shipped model's k, temperature and windows and
-    `scripts/fit_scorer.py`'s other settings (`FitSettings`); vectors are cached in `cache_path` (default: the data
+    `scripts/fit_scorer.py`'s other settings (`FitSettings`). Texts are embedded
+    by the configured backend and cached in `cache_path` (default: the data
     directory's `eval-vectors.npz`).
     """
     rows = [row for path in paths for row in read_labelled(path)]
