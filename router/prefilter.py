@@ -5,6 +5,9 @@ guarantees time linear in the input: no pattern can be made to backtrack
 catastrophically by a hostile prompt. One RE2 set scans each view of the text
 for all patterns at once; only the rules that hit are looked at again.
 
+A rule may instead name a detector (`router.detectors`) for a check a regex
+cannot express; it reads the normalised view only.
+
 A rule either BLOCKs on its own (kept for matches that are certain) or adds
 a risk signal with a weight in [0, 1] that the scorer combines with tier 1.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import re2
 import yaml
 
+from router.detectors import DETECTORS
 from router.normalize import NormalizedText
 
 __all__ = [
@@ -32,7 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_PATTERN_DIR = Path(__file__).resolve().parent / "patterns"
-_RULE_KEYS = {"id", "category", "action", "weight", "pattern", "description"}
+_RULE_KEYS = {"id", "category", "action", "weight", "pattern", "detector", "description"}
 
 
 class RuleAction(enum.Enum):
@@ -44,14 +48,19 @@ class RuleAction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One prefilter pattern from a pack."""
+    """One prefilter rule from a pack: an RE2 `pattern`, or a named `detector`.
+
+    Detectors (see `router.detectors`) cover what a regular expression cannot,
+    such as the density of token noise at the end of a line.
+    """
 
     id: str
     category: str
     action: RuleAction
     weight: float
-    pattern: str
+    pattern: str = ""
     description: str = ""
+    detector: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +112,17 @@ def _parse_rule(path: Path, index: int, raw: object) -> Rule:
     unknown = set(raw) - _RULE_KEYS
     if unknown:
         raise PatternPackError(f"{where}: unknown field(s) {sorted(unknown)}")
-    for key in ("id", "category", "action", "pattern"):
+    for key in ("id", "category", "action"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise PatternPackError(f"{where}: field {key!r} is required and must be a string")
+    if ("pattern" in raw) == ("detector" in raw):
+        raise PatternPackError(f"{where}: give exactly one of 'pattern' and 'detector'")
+    if "detector" in raw and raw["detector"] not in DETECTORS:
+        raise PatternPackError(
+            f"{where}: field 'detector' must be one of {sorted(DETECTORS)}, not {raw['detector']!r}"
+        )
+    if "pattern" in raw and (not isinstance(raw["pattern"], str) or not raw["pattern"]):
+        raise PatternPackError(f"{where}: field 'pattern' must be a non-empty string")
     try:
         action = RuleAction(raw["action"])
     except ValueError:
@@ -113,17 +130,19 @@ def _parse_rule(path: Path, index: int, raw: object) -> Rule:
     weight = raw.get("weight", 1.0 if action is RuleAction.BLOCK else 0.5)
     if not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
         raise PatternPackError(f"{where}: field 'weight' must be a number in [0, 1]")
-    try:
-        re2.compile(raw["pattern"], _OPTIONS)
-    except re2.error as exc:
-        raise PatternPackError(f"{where}: field 'pattern' is not valid RE2: {exc}") from exc
+    if "pattern" in raw:
+        try:
+            re2.compile(raw["pattern"], _OPTIONS)
+        except re2.error as exc:
+            raise PatternPackError(f"{where}: field 'pattern' is not valid RE2: {exc}") from exc
     return Rule(
         id=raw["id"],
         category=raw["category"],
         action=action,
         weight=float(weight),
-        pattern=raw["pattern"],
+        pattern=raw.get("pattern", ""),
         description=str(raw.get("description", "")),
+        detector=raw.get("detector", ""),
     )
 
 
@@ -137,11 +156,13 @@ class Prefilter:
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = tuple(rules)
-        self._compiled = [re2.compile(rule.pattern, _OPTIONS) for rule in self.rules]
+        self._pattern_rules = [rule for rule in self.rules if not rule.detector]
+        self._detector_rules = [rule for rule in self.rules if rule.detector]
+        self._compiled = [re2.compile(rule.pattern, _OPTIONS) for rule in self._pattern_rules]
         self._set = re2.Set.SearchSet(_OPTIONS)
-        for rule in self.rules:
+        for rule in self._pattern_rules:
             self._set.Add(rule.pattern)
-        if self.rules:
+        if self._pattern_rules:
             self._set.Compile()
 
     @classmethod
@@ -150,13 +171,22 @@ class Prefilter:
         return cls(load_rules(directory))
 
     def scan(self, normalized: NormalizedText) -> list[PrefilterHit]:
-        """Every rule that matches any view of the text, once per rule (first view wins)."""
-        if not self.rules:
-            return []
+        """Every rule that matches any view of the text, once per rule (first view wins).
+
+        Detectors read the normalised view only: the leetspeak and ROT13 views
+        rewrite exactly the symbols and letters they look at.
+        """
         hits: dict[str, PrefilterHit] = {}
-        for view, text in normalized.views():
+        for rule in self._detector_rules:
+            span = DETECTORS[rule.detector](normalized.text)
+            if span is not None:
+                hits[rule.id] = PrefilterHit(
+                    rule.id, rule.category, rule.action, rule.weight, "normalized", span
+                )
+        views = normalized.views() if self._pattern_rules else []
+        for view, text in views:
             for index in self._set.Match(text) or ():
-                rule = self.rules[index]
+                rule = self._pattern_rules[index]
                 if rule.id in hits:
                     continue
                 match = self._compiled[index].search(text)
