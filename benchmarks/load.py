@@ -519,6 +519,12 @@ def print_summary(levels: Sequence[Level], info: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.data, args.seed)
+    empty = [name for name in args.profiles if not profiles[name]]
+    if empty:
+        raise SystemExit(
+            f"no benign prompts for profile(s) {empty} in {args.data}: "
+            "point --data at the labelled JSONL directory (../shared/datasets)"
+        )
     print(
         f"profiles: short {len(profiles['short'])} texts, mixed {len(profiles['mixed'])} texts; "
         f"concurrency {args.concurrency}; {args.warmup:g} s warm-up + {args.duration:g} s per "
