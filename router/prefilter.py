@@ -117,7 +117,9 @@ def _parse_rule(path: Path, index: int, raw: object) -> Rule:
             raise PatternPackError(f"{where}: field {key!r} is required and must be a string")
     if ("pattern" in raw) == ("detector" in raw):
         raise PatternPackError(f"{where}: give exactly one of 'pattern' and 'detector'")
-    if "detector" in raw and raw["detector"] not in DETECTORS:
+    if "detector" in raw and (
+        not isinstance(raw["detector"], str) or raw["detector"] not in DETECTORS
+    ):
         raise PatternPackError(
             f"{where}: field 'detector' must be one of {sorted(DETECTORS)}, not {raw['detector']!r}"
         )

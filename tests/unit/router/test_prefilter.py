@@ -96,6 +96,10 @@ def test_hits_report_the_view_that_matched(prefilter: Prefilter) -> None:
             "exactly one of 'pattern' and 'detector'",
         ),
         ("rules: [{id: a, category: c, action: signal, detector: vibes}]", "'vibes'"),
+        (
+            "rules: [{id: a, category: c, action: signal, detector: [x]}]",
+            "'detector' must be one of",
+        ),
     ],
 )
 def test_bad_packs_name_the_rule_and_field(tmp_path: Path, body: str, message: str) -> None:
