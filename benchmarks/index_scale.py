@@ -73,26 +73,15 @@ def real_vectors(cache_dir: Path) -> np.ndarray:
     if path.exists():
         return np.load(path)
     from embeddings_index.embedder import SentenceTransformerEmbedder
-    from embeddings_index.starter import load_precomputed_vectors, vector_key
+    from embeddings_index.starter import load_precomputed_vectors
+    from embeddings_index.vector_cache import VectorCache
 
     embedder = SentenceTransformerEmbedder()
-    known = load_precomputed_vectors()
-    vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    todo = []
-    for i, text in enumerate(texts):
-        vector = known.get(vector_key(text, embedder.model_id))
-        if vector is None:
-            todo.append(i)
-        else:
-            vectors[i] = vector
-    print(f"embedding {len(todo)} of {len(texts)} real texts (once; cached in {path})", flush=True)
+    known = VectorCache(None, embedder.model_id, known=load_precomputed_vectors())
+    print(f"embedding {len(texts)} real texts, shipped vectors reused (once; cached in {path})")
     started = time.perf_counter()
-    for start in range(0, len(todo), 256):
-        chunk = todo[start : start + 256]
-        vectors[chunk] = embedder.encode([texts[i] for i in chunk])
-        print(
-            f"  {start + len(chunk)}/{len(todo)} {time.perf_counter() - started:.0f}s", flush=True
-        )
+    vectors = known.vectors(texts, embedder.encode)
+    print(f"  embedded {len(known)} in {time.perf_counter() - started:.0f}s", flush=True)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path.with_suffix(".tmp.npy"), vectors)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from embeddings_index.embedder import Embedder
 from embeddings_index.starter import load_precomputed_vectors, load_starter_pack
+from embeddings_index.vector_cache import VectorCache
 from gateway.app import Gateway, make_embedder
 from gateway.config import Config
-from router.cross_source import CrossSourceResult, VectorCache, build_corpus, cross_source
+from router.cross_source import CrossSourceResult, build_corpus, cross_source
 from router.evaluation import (
     GroupReport,
     LabelledText,
@@ -106,7 +107,11 @@ def evaluate_cross_source(
         window_words=shipped.window_words,
         window_stride=shipped.window_stride,
     )
-    cache = VectorCache(cache_path or config.data_dir / CROSS_SOURCE_CACHE, embedder.model_id)
+    cache = VectorCache(
+        cache_path or config.data_dir / CROSS_SOURCE_CACHE,
+        embedder.model_id,
+        known=load_precomputed_vectors(),
+    )
     corpus = build_corpus(
         rows,
         load_starter_pack(),
@@ -114,7 +119,6 @@ def evaluate_cross_source(
         encode=embedder.encode,
         prefilter=Prefilter.from_directory(),
         settings=settings,
-        pack_vectors=load_precomputed_vectors(),
     )
     return cross_source(corpus, target=target, policy_escalate_at=policy.thresholds.escalate_at)
 

@@ -22,20 +22,19 @@ index of every risky text of the other files, flag when the nearest one is
 within cosine distance 0.4 (similarity >= 0.6), and the same baseline with
 its threshold chosen by the rule above.
 
-Everything here is pure given the vectors; `VectorCache` keeps them on disk
-by a hash of the model and the normalised text, so a run embeds each text once.
+Everything here is pure given the vectors; a `VectorCache` keeps them on disk,
+so a run embeds each text once.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from embeddings_index.store import Exemplar
+from embeddings_index.vector_cache import VectorCache
 from router.decision import Route
 from router.evaluation import GroupReport, LabelledText, report_by_file_and_category
 from router.normalize import normalize
@@ -55,7 +54,6 @@ __all__ = [
     "CrossSourceResult",
     "FoldedScores",
     "RuleResult",
-    "VectorCache",
     "build_corpus",
     "cross_source",
     "cut",
@@ -72,64 +70,6 @@ Encode = Callable[[list[str]], np.ndarray]
 Scorer = Callable[[np.ndarray], np.ndarray]
 # A method: the files it may learn from -> a fitted scorer.
 Method = Callable[[frozenset[str]], Scorer]
-
-
-class VectorCache:
-    """Embeddings on disk, keyed by a hash of the model id and the prepared text.
-
-    Args:
-        path: An `.npz` file (created on `save`); None keeps vectors in memory only.
-        model_id: Vectors of different models never mix.
-    """
-
-    def __init__(self, path: Path | None, model_id: str) -> None:
-        self.path = Path(path) if path else None
-        self.model_id = model_id
-        self._vectors: dict[str, np.ndarray] = {}
-        self._dirty = False
-        if self.path and self.path.is_file():
-            with np.load(self.path) as data:
-                self._vectors = dict(
-                    zip(data["keys"].tolist(), data["vectors"].astype(np.float32), strict=True)
-                )
-
-    def key(self, prepared_text: str) -> str:
-        """The cache key of one prepared (normalised) text."""
-        return hashlib.sha256(f"{self.model_id}\0{prepared_text}".encode()).hexdigest()
-
-    def __len__(self) -> int:
-        return len(self._vectors)
-
-    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
-        """Remember vectors computed elsewhere (e.g. the starter pack's shipped ones)."""
-        for key, vector in zip(keys, vectors, strict=True):
-            if key not in self._vectors:
-                self._vectors[key] = np.asarray(vector, dtype=np.float32)
-                self._dirty = True
-
-    def vectors(self, prepared_texts: Sequence[str], encode: Encode) -> np.ndarray:
-        """Vectors of `prepared_texts`, embedding (once) only those not cached yet."""
-        keys = [self.key(t) for t in prepared_texts]
-        missing = {
-            k: t for k, t in zip(keys, prepared_texts, strict=True) if k not in self._vectors
-        }
-        if missing:
-            fresh = encode(list(missing.values()))
-            self.put(list(missing), fresh)
-        if not keys:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.vstack([self._vectors[k] for k in keys])
-
-    def save(self) -> None:
-        """Write the cache if anything was added."""
-        if self.path is None or not self._dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        keys = list(self._vectors)
-        np.savez(tmp, keys=np.array(keys), vectors=np.vstack([self._vectors[k] for k in keys]))
-        tmp.replace(self.path)
-        self._dirty = False
 
 
 @dataclass(frozen=True)
@@ -188,21 +128,15 @@ def build_corpus(
     encode: Encode,
     prefilter: Prefilter,
     settings: FitSettings | None = None,
-    pack_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> Corpus:
     """Embed (through the cache) and extract the router's evidence for rows and pack.
 
-    Args:
-        pack_vectors: Shipped precomputed vectors of the pack by cache key (the
-            router uses those at run time); missing ones are embedded.
+    Give the cache the shipped starter-pack vectors as `known` to score the pack
+    with the vectors the router uses at run time.
     """
     settings = settings or FitSettings()
     normalized_rows = [normalize(r.text) for r in rows]
     normalized_pack = [normalize(e.text) for e in pack]
-    if pack_vectors:
-        keys = [cache.key(n.text) for n in normalized_pack]
-        known = [i for i, key in enumerate(keys) if key in pack_vectors]
-        cache.put([keys[i] for i in known], np.vstack([pack_vectors[keys[i]] for i in known]))
     v_pack = cache.vectors([n.text for n in normalized_pack], encode)
     v_rows = cache.vectors([n.text for n in normalized_rows], encode)
     segments = [

@@ -7,7 +7,10 @@ without its own entry) plus the labelled JSONL files given with --data; only
 the weights ship, never the texts. The defaults (`router.training.FitSettings`)
 are the ones measured best leave-one-source-out (`tierguard eval --cross-source`).
 
-    python scripts/fit_scorer.py --data ../shared/datasets/*.jsonl [--out FILE]
+    python scripts/fit_scorer.py --data ../shared/datasets/*.jsonl [--out FILE] [--cache FILE]
+
+The starter pack's shipped vectors are reused; `--cache` keeps the labelled
+texts' vectors too (`tierguard eval --cross-source` writes the same format).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embeddings_index.embedder import SentenceTransformerEmbedder  # noqa: E402
-from embeddings_index.starter import load_starter_pack  # noqa: E402
+from embeddings_index.starter import load_precomputed_vectors, load_starter_pack  # noqa: E402
+from embeddings_index.vector_cache import VectorCache  # noqa: E402
 from router.evaluation import read_labelled  # noqa: E402
 from router.normalize import normalize  # noqa: E402
 from router.prefilter import Prefilter  # noqa: E402
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", type=Path, required=True, help="labelled JSONL files")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument(
+        "--cache", type=Path, help="vector cache file (.npz) for the labelled texts"
+    )
     defaults = FitSettings()
     parser.add_argument("--l2", type=float, default=defaults.l2, help="regularisation strength")
     parser.add_argument("--pack-share", type=float, default=defaults.pack_share,
@@ -63,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     embedder = SentenceTransformerEmbedder()
     pack = load_starter_pack()
     rows = [row for path in args.data for row in read_labelled(path)]
+    cache = VectorCache(args.cache, embedder.model_id, known=load_precomputed_vectors())
     print(f"embedding {len(pack)} starter exemplars and {len(rows)} labelled texts", flush=True)
-    pack_vectors = embedder.encode([normalize(e.text).text for e in pack])
-    row_vectors = embedder.encode([normalize(r.text).text for r in rows])
+    pack_vectors = cache.vectors([normalize(e.text).text for e in pack], embedder.encode)
+    row_vectors = cache.vectors([normalize(r.text).text for r in rows], embedder.encode)
+    cache.save()
 
     index, pack_examples = pack_training(pack, pack_vectors, embedder.model_id)
     examples = pack_examples + [
