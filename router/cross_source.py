@@ -39,6 +39,7 @@ from router.decision import Route
 from router.evaluation import GroupReport, LabelledText, report_by_file_and_category
 from router.normalize import normalize
 from router.prefilter import Prefilter, RuleAction
+from router.scoring import sigmoid
 from router.training import (
     FitSettings,
     TrainingExample,
@@ -187,10 +188,6 @@ def build_corpus(
     )
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
-
-
 def router_method(corpus: Corpus) -> Method:
     """The router as shipped: the scorer fitted on the pack plus the allowed files.
 
@@ -208,13 +205,13 @@ def router_method(corpus: Corpus) -> Method:
         coefficients, intercept = fit_logistic(x, y, weights, l2=settings.l2)
 
         def score(indices: np.ndarray) -> np.ndarray:
-            s = _sigmoid(corpus.x[indices] @ coefficients + intercept)
+            s = sigmoid(corpus.x[indices] @ coefficients + intercept)
             if corpus.segment_x is not None and corpus.segment_owner is not None:
                 position = np.full(len(corpus.rows), -1)
                 position[indices] = np.arange(len(indices))
                 mine = position[corpus.segment_owner] >= 0
                 if mine.any():
-                    windows = _sigmoid(corpus.segment_x[mine] @ coefficients + intercept)
+                    windows = sigmoid(corpus.segment_x[mine] @ coefficients + intercept)
                     np.maximum.at(s, position[corpus.segment_owner[mine]], windows)
             return np.where(corpus.blocked[indices], 1.0, s)
 

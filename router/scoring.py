@@ -28,6 +28,7 @@ __all__ = [
     "ScoringModel",
     "features",
     "prefilter_signal",
+    "sigmoid",
 ]
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "scoring_model.json"
@@ -51,6 +52,11 @@ class Evidence:
     neighbors: Neighbors
     hits: Sequence[PrefilterHit] = ()
     obfuscated: bool = False
+
+
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    """The logistic function, clipped so that no logit overflows."""
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
 
 
 def prefilter_signal(hits: Sequence[PrefilterHit]) -> float:
@@ -144,7 +150,7 @@ class ScoringModel:
 
     def score(self, evidence: Evidence) -> float:
         """The probability that the text is risky, in [0, 1]."""
-        return float(1.0 / (1.0 + np.exp(-np.clip(self.logit(evidence), -50.0, 50.0))))
+        return float(sigmoid(self.logit(evidence)))
 
     @classmethod
     def load(cls, path: Path = DEFAULT_MODEL_PATH) -> ScoringModel:

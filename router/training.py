@@ -18,7 +18,7 @@ from embeddings_index.faiss_index import ExemplarIndex, Neighbors
 from embeddings_index.store import Exemplar
 from router.normalize import normalize
 from router.prefilter import Prefilter
-from router.scoring import Evidence, ScoringModel, features
+from router.scoring import Evidence, ScoringModel, features, sigmoid
 from router.windows import WINDOW_STRIDE, WINDOW_WORDS
 
 PACK_PREFIX = "starter:"
@@ -204,7 +204,7 @@ def fit_logistic(
     penalty[-1] = 0.0
     total = weights.sum()
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ beta, -50, 50)))
+        p = sigmoid(design @ beta)
         gradient = design.T @ (weights * (p - y)) / total + penalty * beta / total
         curvature = weights * p * (1 - p) / total
         hessian = (design * curvature[:, None]).T @ design + np.diag(penalty / total)
