@@ -272,7 +272,7 @@ class IndexManager:
 
 def _reembed_stale(store: ExemplarStore, embedder: Embedder, prepare: Callable[[str], str]) -> None:
     """Embed exemplars whose vectors another model (or none) made."""
-    _, _, missing = store.live_vectors(embedder.model_id)
+    missing = store.lacking_vectors(embedder.model_id)
     if missing:
         log.info("re-embedding %d exemplars with %s", len(missing), embedder.model_id)
         vectors = embedder.encode([prepare(e.text) for e in missing])

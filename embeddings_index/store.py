@@ -392,6 +392,18 @@ class ExemplarStore:
         matrix = np.vstack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
         return have, matrix, missing
 
+    def lacking_vectors(self, embedding_model: str) -> list[Exemplar]:
+        """Live exemplars without a vector of `embedding_model` (the `missing` of `live_vectors`).
+
+        Reads no vectors, so a start-up that loads an index snapshot stays cheap.
+        """
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM exemplars WHERE deleted_version IS NULL "
+            "AND (embedding IS NULL OR embedding_model IS NOT ?) ORDER BY row_id",
+            (embedding_model,),
+        )
+        return [_exemplar(row) for row in rows]
+
     def set_embeddings(
         self, exemplar_ids: Sequence[str], embeddings: np.ndarray, *, embedding_model: str
     ) -> None:

@@ -63,12 +63,16 @@ def test_unknown_label_is_rejected(store: ExemplarStore) -> None:
 
 
 def test_vectors_of_another_model_are_reported_missing(store: ExemplarStore) -> None:
-    store.add([ex("a")], vectors(1), embedding_model="old")
+    store.add([ex("a"), ex("b")], vectors(2), embedding_model="old")
+    store.delete("b")
     have, _, missing = store.live_vectors("new")
     assert have == [] and [e.id for e in missing] == ["a"]
+    assert store.lacking_vectors("new") == missing
+    assert store.lacking_vectors("old") == []
     store.set_embeddings(["a"], vectors(1), embedding_model="new")
     have, _, missing = store.live_vectors("new")
     assert [e.id for e in have] == ["a"] and missing == []
+    assert store.lacking_vectors("new") == []
 
 
 def test_list_filters_and_pages(store: ExemplarStore) -> None:
