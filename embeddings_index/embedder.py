@@ -15,7 +15,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "EmbedderError", "SentenceTransformerEmbedder", "default_model_path"]
+__all__ = [
+    "Embedder",
+    "EmbedderError",
+    "SentenceTransformerEmbedder",
+    "default_model_path",
+    "model_name",
+    "offline_model_environment",
+    "sentence_transformers_model_id",
+]
 
 
 class EmbedderError(RuntimeError):
@@ -39,6 +47,23 @@ class Embedder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts` into an array of shape (len(texts), dim), rows of unit length."""
         ...
+
+
+def model_name(model_dir: Path) -> str:
+    """A model directory's name (the package's name for the packaged `.../<package>/model`)."""
+    return model_dir.parent.name if model_dir.name == "model" else model_dir.name
+
+
+def sentence_transformers_model_id(model_dir: Path) -> str:
+    """The id stored with a model's vectors; the ONNX fp32 backend shares it (same vectors)."""
+    return f"sentence-transformers:{model_name(model_dir)}"
+
+
+def offline_model_environment() -> None:
+    """Never reach for the network when loading a model or tokenizer; no tokenizer threads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def default_model_path() -> Path:
@@ -67,9 +92,7 @@ class SentenceTransformerEmbedder:
         batch_size: int = 32,
         max_seq_length: int | None = None,
     ) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        offline_model_environment()
         path = Path(model_path) if model_path else default_model_path()
         if not (path / "config.json").is_file():
             raise EmbedderError(f"no model at {path}: expected a sentence-transformers directory")
@@ -82,9 +105,7 @@ class SentenceTransformerEmbedder:
             self._model.max_seq_length = max_seq_length
         self._batch_size = batch_size
         self._lock = threading.Lock()
-        self._model_id = (
-            f"sentence-transformers:{path.name if path.name != 'model' else path.parent.name}"
-        )
+        self._model_id = sentence_transformers_model_id(path)
         dim = self._model.get_embedding_dimension()
         if not dim:
             raise EmbedderError(f"model at {path} does not report its embedding dimension")

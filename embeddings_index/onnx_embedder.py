@@ -37,7 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from embeddings_index.embedder import EmbedderError, default_model_path
+from embeddings_index.embedder import (
+    EmbedderError,
+    default_model_path,
+    model_name,
+    offline_model_environment,
+    sentence_transformers_model_id,
+)
 
 __all__ = ["EXPORT_RECIPE", "INT8_ID_SUFFIX", "OnnxEmbedder", "model_fingerprint"]
 
@@ -145,12 +151,6 @@ def _derived_fingerprint(parent: str, **settings: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _default_model_id(model_dir: Path) -> str:
-    # The same id as SentenceTransformerEmbedder, whose vectors fp32 reproduces.
-    name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    return f"sentence-transformers:{name}"
-
-
 def _cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -196,9 +196,7 @@ class OnnxEmbedder:
         spin: bool = False,
         model_id: str | None = None,
     ) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        offline_model_environment()
         if token_budget < 1 or max_batch < 1:
             raise ValueError("token_budget and max_batch must be positive")
         ort = _import_onnxruntime()
@@ -207,7 +205,7 @@ class OnnxEmbedder:
         self._quantized = quantize
         self._token_budget = token_budget
         self._max_batch = max_batch
-        self._model_id = model_id or _default_model_id(self._layout.model_dir) + (
+        self._model_id = model_id or sentence_transformers_model_id(self._layout.model_dir) + (
             INT8_ID_SUFFIX if quantize else ""
         )
         self._model_file = self._ensure_cached()
@@ -348,8 +346,7 @@ _QUANT_SETTINGS: dict[str, object] = {
 
 
 def _stem(model_dir: Path) -> str:
-    name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name(model_dir))
 
 
 def _sidecar(path: Path) -> Path:
