@@ -432,10 +432,9 @@ def _merge(
     sims: np.ndarray, positions: np.ndarray, more_sims: np.ndarray, more: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best `k` of two result sets per row, most similar first."""
-    all_sims = np.concatenate([sims, np.where(more >= 0, more_sims, -np.inf)], axis=1)
-    all_sims = np.where(np.concatenate([positions, more], axis=1) >= 0, all_sims, -np.inf)
-    order = np.argsort(-all_sims, axis=1, kind="stable")[:, :k]
     all_positions = np.concatenate([positions, more], axis=1)
+    all_sims = np.where(all_positions >= 0, np.concatenate([sims, more_sims], axis=1), -np.inf)
+    order = np.argsort(-all_sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(all_sims, order, 1), np.take_along_axis(all_positions, order, 1)
 
 
