@@ -77,8 +77,10 @@ class IndexOptions:
         hnsw_m: HNSW links per node.
         ef_construction: HNSW candidate list while building.
         ef_search: HNSW candidate list per query (search time).
-        max_delta: Exemplars added to an approximate index since its build that
-            `with_changes` keeps in the exact side index; past it, rebuild.
+        max_delta: Changes to an approximate index since its build that
+            `with_changes` keeps on the side (additions in the exact side index,
+            removals in the deletion bitmap, which every search still scans);
+            past it, rebuild.
         search_threads: OpenMP threads FAISS may use for one `search` call, set
             on the calling thread before each search (FAISS's OpenMP setting is
             per thread: `faiss.omp_set_num_threads` at start-up does not reach
@@ -294,6 +296,11 @@ class ExemplarIndex:
     def delta_size(self) -> int:
         """Exemplars added since the base was built, searched exactly beside it."""
         return len(self._delta_vectors)
+
+    @property
+    def changes_since_build(self) -> int:
+        """Additions in the side index plus removals from the base, since the base was built."""
+        return len(self._delta_vectors) + len(self._dead)
 
     def __len__(self) -> int:
         """Live exemplars (`ids` also keeps removed ones, which no search returns)."""

@@ -171,14 +171,16 @@ class IndexManager:
         """Swap in an index at `version`, the store's state after one add or delete.
 
         An approximate index takes the change on the side (`with_changes`: no
-        retraining) while its delta stays small and it is exactly one version
-        behind; anything else is a full rebuild, as for an exact index.
+        retraining) while its changes since the build stay within `max_delta`
+        and it is exactly one version behind; anything else is a full rebuild,
+        as for an exact index.
         """
         current = self.index
         if not (
             current.approximate
             and version == current.version + 1
-            and current.delta_size + len(added) <= self.index_options.max_delta
+            and current.changes_since_build + len(added) + len(removed)
+            <= self.index_options.max_delta
         ):
             self.refresh()
             return

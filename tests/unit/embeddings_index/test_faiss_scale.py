@@ -215,3 +215,22 @@ def test_manager_without_snapshot_dir_writes_no_snapshot(
     manager.store.close()
     written = {p for p in tmp_path.rglob("*") if p not in before}
     assert written and all(p.name.startswith("exemplars.sqlite") for p in written)
+
+
+def test_removals_count_towards_the_rebuild_bound(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    vectors, _ = data
+    options = dataclasses.replace(SMALL, max_delta=2)
+    manager = IndexManager.open(tmp_path, embedder, starter_dir=None, index_options=options)
+    manager.add(exemplars(N, "e"), vectors)
+    built = manager.index
+    manager.delete("e0")
+    manager.delete("e1")
+    assert manager.index.state.base is built.state.base  # within the bound: on the side
+    assert manager.index.changes_since_build == 2
+    manager.delete("e2")  # past it: a rebuild drops the dead entries
+    assert manager.index.state.base is not built.state.base
+    assert manager.index.changes_since_build == 0 and len(manager.index) == N - 3
+    assert not {"e0", "e1", "e2"} & {i for row in ids_of(manager.index, vectors[:3]) for i in row}
+    manager.store.close()
