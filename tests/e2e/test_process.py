@@ -88,12 +88,6 @@ class Gateway:
             self.process.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ONNX exports shared by every server of the session (the first start exports)."""
-    return tmp_path_factory.mktemp("models")
-
-
 @pytest.fixture
 def gateway_process(data_dir: Path, models_dir: Path, tmp_path: Path) -> Iterator[Gateway]:
     port = free_port()

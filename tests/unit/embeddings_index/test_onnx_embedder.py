@@ -33,14 +33,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("onnx-models")
-
-
-@pytest.fixture(scope="session")
-def onnx_fp32(onnx_cache: Path) -> OnnxEmbedder:
+def onnx_fp32(models_dir: Path) -> OnnxEmbedder:
     """The packaged model exported to ONNX (fp32), once for the session."""
-    return OnnxEmbedder(onnx_cache)
+    return OnnxEmbedder(models_dir)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -65,9 +60,9 @@ def test_same_model_id_as_torch_so_stored_vectors_stay_valid(
     assert onnx_fp32.model_id == embedder.model_id
 
 
-def test_batching_by_length_does_not_change_vectors_or_their_order(onnx_cache: Path) -> None:
+def test_batching_by_length_does_not_change_vectors_or_their_order(models_dir: Path) -> None:
     # A tiny budget forces many small batches of different widths.
-    small = OnnxEmbedder(onnx_cache, token_budget=40, max_batch=3)
+    small = OnnxEmbedder(models_dir, token_budget=40, max_batch=3)
     together = small.encode(TEXTS)
     alone = np.vstack([small.encode([text]) for text in TEXTS])
     np.testing.assert_allclose(together, alone, atol=1e-5)
@@ -75,12 +70,12 @@ def test_batching_by_length_does_not_change_vectors_or_their_order(onnx_cache: P
 
 
 def test_second_construction_reuses_the_cached_export(
-    onnx_fp32: OnnxEmbedder, onnx_cache: Path
+    onnx_fp32: OnnxEmbedder, models_dir: Path
 ) -> None:
     model_file = onnx_fp32.model_file
     sidecar = model_file.with_suffix(".json")
     before = (model_file.stat().st_mtime_ns, sidecar.read_text())
-    again = OnnxEmbedder(onnx_cache)
+    again = OnnxEmbedder(models_dir)
     assert again.model_file == model_file
     assert (model_file.stat().st_mtime_ns, sidecar.read_text()) == before
 
@@ -112,9 +107,9 @@ def test_fingerprint_follows_the_export_recipe(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_int8_is_cached_beside_fp32_and_stays_close(
-    onnx_fp32: OnnxEmbedder, onnx_cache: Path, embedder: SentenceTransformerEmbedder
+    onnx_fp32: OnnxEmbedder, models_dir: Path, embedder: SentenceTransformerEmbedder
 ) -> None:
-    int8 = OnnxEmbedder(onnx_cache, quantize=True)
+    int8 = OnnxEmbedder(models_dir, quantize=True)
     assert int8.quantized and int8.model_file != onnx_fp32.model_file
     assert int8.model_file.with_suffix(".json").is_file()
     # Not the fp32 model's vectors: an index must be re-embedded with it, not mixed.
