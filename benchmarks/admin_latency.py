@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _common  # noqa: F401  (puts the repository on sys.path)
 import grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc

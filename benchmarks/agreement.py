@@ -26,8 +26,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,22 +33,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
+from embeddings_index.onnx_embedder import OnnxEmbedder, model_fingerprint
+from gateway.app import Gateway
+from gateway.config import Config
+from gateway.evaluate import route_rows
+from router.evaluation import LabelledText, read_labelled
+from router.normalize import normalized_text
 
-from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder  # noqa: E402
-from embeddings_index.onnx_embedder import OnnxEmbedder, model_fingerprint  # noqa: E402
-from gateway.app import Gateway  # noqa: E402
-from gateway.config import Config  # noqa: E402
-from gateway.evaluate import route_rows  # noqa: E402
-from router.evaluation import LabelledText, read_labelled  # noqa: E402
-from router.normalize import normalized_text  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
-DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "tierguard-bench"
 MAX_DECISION_CHANGE = 0.005  # the bar for turning int8 on by default
 
 

@@ -33,7 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -41,19 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import grpc
+import numpy as np
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
+from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 
-from gateway._proto.guardrail.v1 import guardrail_pb2 as pb  # noqa: E402
-from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
-DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "tierguard-bench"
 CONFIGS = ("naive", "fast")
 PROFILES = ("short", "mixed")
 
