@@ -23,9 +23,9 @@ from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.server import start_server
+from gateway.api.server import start_server
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import load_config
 
 TOKEN = "benchmark-admin-token-000000"
 

@@ -4,7 +4,7 @@ Why: int8 (and, in principle, a bad export) moves vectors; what matters is
 whether routing moves. This embeds every text of the labelled files (after
 tier-0 normalisation, as the gateway does) with the torch model, ONNX fp32 and
 ONNX int8, reports the cosine of each ONNX vector to the torch vector, then
-routes every text through `gateway.evaluate.route_rows` on a Gateway built on
+routes every text through `gateway.offline.evaluate.OfflineRouter.route_rows` built on
 each embedder and counts the ALLOW / ESCALATE / BLOCK decisions that change.
 
 int8 is measured twice: as a gateway runs it by default (int8 has its own
@@ -22,7 +22,6 @@ second run only routes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import logging
@@ -37,9 +36,8 @@ from _common import DEFAULT_DATA, DEFAULT_WORK_DIR
 
 from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
 from embeddings_index.onnx_embedder import OnnxEmbedder, model_fingerprint
-from gateway.app import Gateway
-from gateway.config import Config
-from gateway.evaluate import route_rows
+from gateway.offline.evaluate import OfflineRouter
+from gateway.runtime.config import Config
 from router.evaluation import LabelledText, read_labelled
 from router.normalize import normalized_text
 
@@ -107,12 +105,9 @@ def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def route_all(
     rows: Sequence[LabelledText], embedder: Embedder, data_dir: Path, policy: str
 ) -> tuple[list[str], list[float]]:
-    """Routes and risk scores of every row on a fresh gateway built on `embedder`."""
-    gateway = Gateway.create(Config(data_dir=data_dir), embedder=embedder, environ={})
-    try:
-        results = route_rows(gateway, rows, policy_name=policy)
-    finally:
-        asyncio.run(gateway.aclose())
+    """Routes and risk scores of every row on a fresh router built on `embedder`."""
+    offline = OfflineRouter.create(Config(data_dir=data_dir), embedder=embedder)
+    results = offline.route_rows(rows, policy_name=policy)
     return [r.route.name for r in results], [r.risk_score for r in results]
 
 

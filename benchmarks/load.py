@@ -58,9 +58,9 @@ async def serve(args: argparse.Namespace) -> None:
     """Start the production server for one configuration; print its port; serve until told."""
     import logging
 
-    from gateway.app import Gateway
-    from gateway.config import load_config
-    from gateway.server import start_server
+    from gateway.api.server import start_server
+    from gateway.runtime.app import Gateway
+    from gateway.runtime.config import load_config
 
     logging.basicConfig(level=logging.WARNING, format="server %(levelname)s %(name)s: %(message)s")
     # One data dir per embedding model: a store switched between models re-embeds everything.

@@ -22,9 +22,9 @@ from critic.loop import FailMode
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.app import Gateway
-from gateway.config import Config, CriticMode, LLMConfig, Policy, ServerConfig
-from gateway.server import RunningServer, start_server
+from gateway.api.server import RunningServer, start_server
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import Config, CriticMode, LLMConfig, Policy, ServerConfig
 from router.normalize import normalized_text
 from tests.fakes.openai_server import FakeOpenAI
 

@@ -14,9 +14,9 @@ from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.app import Gateway
-from gateway.config import Policy, Tenant
-from gateway.server import RunningServer, start_server
+from gateway.api.server import RunningServer, start_server
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import Policy, Tenant
 from tests.conftest import make_config
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"

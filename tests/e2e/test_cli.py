@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from embeddings_index.embedder import SentenceTransformerEmbedder
-from gateway.evaluate import evaluate_cross_source, evaluate_files, format_reports
-from gateway.server import RunningServer
+from gateway.api.server import RunningServer
+from gateway.offline.evaluate import evaluate_cross_source, evaluate_files, format_reports
 from router.cross_source import format_cross_source
 from tests.conftest import make_config
 

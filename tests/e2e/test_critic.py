@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.server import RunningServer
+from gateway.api.server import RunningServer
 from tests.fakes.openai_server import (
     FakeOpenAI,
     Reply,

@@ -14,8 +14,8 @@ import pytest
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.app import Gateway
-from gateway.server import RunningServer, start_server
+from gateway.api.server import RunningServer, start_server
+from gateway.runtime.app import Gateway
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

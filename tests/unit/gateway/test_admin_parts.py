@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from critic.loop import FailMode
-from gateway.admin_state import AdminState
-from gateway.auth import Credentials, Role, bearer_token
-from gateway.config import Config, ConfigError, Policy, Tenant
-from gateway.decision_log import DecisionLog, LoggedDecision
-from gateway.policies import PolicyRegistry
+from gateway.runtime.admin_state import AdminState
+from gateway.runtime.auth import Credentials, Role, bearer_token
+from gateway.runtime.config import Config, ConfigError, Policy, Tenant
+from gateway.runtime.decision_log import DecisionLog, LoggedDecision
+from gateway.runtime.policies import PolicyRegistry
 
 TOKEN = "t" * 20
 KEY = "k" * 20

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.calibrate import calibrate, plot_calibration
+from gateway.offline.calibrate import calibrate, plot_calibration
 from router.evaluation import LabelledText
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from critic.loop import FailMode
-from gateway.config import (
+from gateway.runtime.config import (
     DEFAULT_BLOCK_AT,
     DEFAULT_ESCALATE_AT,
     ConfigError,
@@ -121,7 +121,7 @@ def test_critic_can_be_forced_off(tmp_path: Path) -> None:
 
 
 def test_a_policy_naming_an_unknown_constitution_stops_the_gateway(tmp_path: Path) -> None:
-    from gateway.app import Gateway
+    from gateway.runtime.app import Gateway
 
     path = tmp_path / "c.yaml"
     path.write_text("policies: {default: {constitution: martian}}\n")

@@ -14,7 +14,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import Config
+from gateway.runtime.config import Config
 
 __all__ = ["Credentials", "Principal", "Role", "bearer_token"]
 

@@ -1,4 +1,4 @@
-"""The gateway's errors and the one table that maps them to gRPC statuses.
+"""The gateway's errors: why a request could not be processed.
 
     GatewayError                      -> INTERNAL (message carries the request id)
     ├── InvalidArgument(field, ...)   -> INVALID_ARGUMENT + BadRequest.FieldViolation
@@ -11,16 +11,15 @@
     ├── FailedPrecondition            -> FAILED_PRECONDITION + ErrorInfo(<reason>)
     └── Unavailable                   -> UNAVAILABLE + ErrorInfo(<reason>)
 
-Servicers raise these; `interceptors.ErrorInterceptor` turns them into
-statuses, and any other exception into INTERNAL without a stack trace.
-A decision (BLOCK, REVISE) is never an error.
+The runtime raises these without knowing gRPC: each names its canonical
+status code (`StatusCode`); `gateway.api.status` turns them into a
+`google.rpc.Status` and the interceptor sends it. Any other exception becomes
+INTERNAL without a stack trace. A decision (BLOCK, REVISE) is never an error.
 """
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+import enum
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -32,18 +31,36 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "PolicyNotFound",
+    "StatusCode",
     "Unauthenticated",
     "Unavailable",
-    "to_status",
 ]
 
 ERROR_DOMAIN = "tierguard"
+
+# A requested name is echoed in an error at most this long: the message must
+# stay small whatever the caller sent.
+_MAX_ECHOED_NAME = 64
+
+
+class StatusCode(enum.Enum):
+    """The canonical status codes the gateway answers with (google.rpc.Code names)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class GatewayError(Exception):
     """Base of the gateway's errors: the request could not be processed."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = StatusCode.INTERNAL
     reason = "INTERNAL"
 
     def __init__(self, message: str, **metadata: str) -> None:
@@ -51,20 +68,11 @@ class GatewayError(Exception):
         self.message = message
         self.metadata = metadata
 
-    def details(self) -> list[any_pb2.Any]:
-        """Error details for the google.rpc.Status: an ErrorInfo by default."""
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
-        )
-        packed = any_pb2.Any()
-        packed.Pack(info)
-        return [packed]
-
 
 class InvalidArgument(GatewayError):
     """A request field is missing or malformed."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, description: str) -> None:
@@ -72,32 +80,37 @@ class InvalidArgument(GatewayError):
         self.field = field
         self.description = description
 
-    def details(self) -> list[any_pb2.Any]:
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=self.field, description=self.description
-        )
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        return [packed]
-
 
 class PolicyNotFound(GatewayError):
-    """The request named a policy the gateway does not have."""
+    """The request named a policy the gateway does not have.
 
-    code = grpc.StatusCode.NOT_FOUND
+    The message never lists the other policies (a tenant must not learn them)
+    and echoes at most `_MAX_ECHOED_NAME` characters of the name asked for.
+    """
+
+    code = StatusCode.NOT_FOUND
     reason = "POLICY_NOT_FOUND"
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str) -> None:
+        shown = echo(name)
         super().__init__(
-            f"policy {name!r} does not exist; known policies: {', '.join(sorted(known))}",
-            policy=name,
+            f"policy {shown!r} does not exist; ask the gateway's operator for your policy "
+            "name, or leave the policy empty to use your default",
+            policy=shown,
         )
+
+
+def echo(value: str) -> str:
+    """`value` cut to a length that is safe to repeat in an error message."""
+    if len(value) <= _MAX_ECHOED_NAME:
+        return value
+    return f"{value[:_MAX_ECHOED_NAME]}... ({len(value)} characters)"
 
 
 class NotFound(GatewayError):
     """The named object does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = StatusCode.NOT_FOUND
 
     def __init__(self, message: str, *, reason: str = "NOT_FOUND") -> None:
         super().__init__(message)
@@ -107,35 +120,35 @@ class NotFound(GatewayError):
 class Unauthenticated(GatewayError):
     """The call carries no valid credential."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(GatewayError):
     """The credential is valid but may not do this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = StatusCode.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
 
 
 class Overloaded(GatewayError):
     """Too many checks are in flight; the caller should back off and retry."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
 
 
 class DeadlineTooShort(GatewayError):
     """The caller's deadline leaves no time to do the work."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_TOO_SHORT"
 
 
 class FailedPrecondition(GatewayError):
     """The server is not set up for this call (e.g. Generate without a generator)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = StatusCode.FAILED_PRECONDITION
 
     def __init__(self, message: str, *, reason: str = "FAILED_PRECONDITION") -> None:
         super().__init__(message)
@@ -145,18 +158,8 @@ class FailedPrecondition(GatewayError):
 class Unavailable(GatewayError):
     """A part the gateway depends on failed; retrying later may succeed."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = StatusCode.UNAVAILABLE
 
     def __init__(self, message: str, *, reason: str = "UNAVAILABLE") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-_CODES = {code: getattr(code_pb2, code.name) for code in grpc.StatusCode}
-
-
-def to_status(error: GatewayError) -> status_pb2.Status:
-    """The google.rpc.Status that carries `error` to the client."""
-    return status_pb2.Status(
-        code=_CODES[error.code], message=error.message, details=error.details()
-    )

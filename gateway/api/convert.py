@@ -9,8 +9,8 @@ from critic.loop import FailMode
 from embeddings_index.store import Exemplar, ExemplarStore
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
-from gateway.config import CriticMode, Policy
-from gateway.pipeline import CheckResult
+from gateway.runtime.config import CriticMode, Policy
+from gateway.runtime.pipeline import CheckResult
 from router.decision import Decision, Tier
 from router.prefilter import PrefilterHit, RuleAction
 

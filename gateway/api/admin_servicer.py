@@ -21,9 +21,7 @@ from embeddings_index.store import Exemplar, StoreError
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
-from gateway.app import Gateway
-from gateway.config import ConfigError, Policy
-from gateway.convert import (
+from gateway.api.convert import (
     LABEL_NAMES,
     LABELS,
     exemplar_to_proto,
@@ -31,10 +29,12 @@ from gateway.convert import (
     policy_to_proto,
     verdict_to_proto,
 )
-from gateway.errors import InvalidArgument, NotFound
-from gateway.interceptors import PRINCIPAL, REQUEST_ID
-from gateway.pipeline import CheckResult
-from gateway.policies import policy_to_dict
+from gateway.api.interceptors import PRINCIPAL, REQUEST_ID
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import ConfigError, Policy
+from gateway.runtime.errors import InvalidArgument, NotFound
+from gateway.runtime.pipeline import CheckResult
+from gateway.runtime.policies import policy_to_dict
 from router.decision import Decision, Route, Thresholds, route_for
 
 __all__ = ["AdminServicer"]

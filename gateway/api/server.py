@@ -20,11 +20,11 @@ from grpc_reflection.v1alpha import reflection
 from gateway._proto.guardrail.v1 import admin_pb2, admin_pb2_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.admin_servicer import AdminServicer
-from gateway.app import Gateway
-from gateway.config import ConfigError, ServerConfig, load_config
-from gateway.guardrail_servicer import GuardrailServicer
-from gateway.interceptors import GatewayInterceptor
+from gateway.api.admin_servicer import AdminServicer
+from gateway.api.guardrail_servicer import GuardrailServicer
+from gateway.api.interceptors import GatewayInterceptor
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import ConfigError, ServerConfig, load_config
 
 __all__ = ["RunningServer", "reload_config", "serve", "start_server"]
 
@@ -121,7 +121,9 @@ def reload_config(gateway: Gateway) -> bool:
         log.error("SIGHUP: config %s rejected, the old config stays in force: %s", source, exc)
         return False
     log.info(
-        "SIGHUP: config %s reloaded; policies %s", source, [p.name for p in gateway.policies.all()]
+        "SIGHUP: config %s reloaded; policies %s",
+        source,
+        [p.name for p in gateway.policies.all()],
     )
     return True
 

@@ -24,41 +24,25 @@ from critic.local_critic import LocalCritic
 from critic.records import CriticRecords
 from critic.types import Critic
 from embeddings_index.batching import BatchingConfig, MicroBatcher
-from embeddings_index.embedder import Embedder, SentenceTransformerEmbedder
+from embeddings_index.embedder import Embedder
 from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
-from gateway.admin_state import AdminState
-from gateway.auth import Credentials, Principal, Role
-from gateway.config import Config, EmbeddingBackend, Policy
-from gateway.decision_log import DecisionLog
-from gateway.errors import PermissionDenied, PolicyNotFound
-from gateway.policies import PolicyRegistry
-from gateway.stats import TrafficStats
+from gateway.runtime.admin_state import AdminState
+from gateway.runtime.auth import Credentials, Principal, Role
+from gateway.runtime.config import Config, Policy
+from gateway.runtime.decision_log import DecisionLog
+from gateway.runtime.embedding import make_embedder
+from gateway.runtime.errors import PermissionDenied, PolicyNotFound
+from gateway.runtime.policies import PolicyRegistry
+from gateway.runtime.stats import TrafficStats
 from router.normalize import normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
 from router.router import Router, RouteResult
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
 
-__all__ = ["Gateway", "make_embedder"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
-
-
-def make_embedder(config: Config) -> Embedder:
-    """The configured embedding backend; ONNX exports (once) into the models directory."""
-    embedding = config.embedding
-    if embedding.backend is EmbeddingBackend.TORCH:
-        return SentenceTransformerEmbedder(embedding.model_path)
-    from embeddings_index.onnx_embedder import OnnxEmbedder
-
-    return OnnxEmbedder(
-        embedding.models_dir or config.data_dir / "models",
-        embedding.model_path,
-        quantize=embedding.backend is EmbeddingBackend.ONNX_INT8,
-        token_budget=embedding.token_budget,
-        max_batch=embedding.max_batch,
-        threads=embedding.threads or None,
-    )
 
 
 @dataclass
@@ -178,7 +162,7 @@ class Gateway:
         name = next((n for n in names if n), fallback)
         policy = self.policies.get(name)
         if policy is None:
-            raise PolicyNotFound(name, [p.name for p in self.policies.all()])
+            raise PolicyNotFound(name)
         if tenant and name not in tenant.allowed_policies:
             raise PermissionDenied(
                 f"tenant {tenant.name!r} may not use policy {name!r}; "

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, replace
 from typing import Any
 
-from gateway.admin_state import AdminState
-from gateway.config import Config, ConfigError, Policy, parse_policy
+from gateway.runtime.admin_state import AdminState
+from gateway.runtime.config import Config, ConfigError, Policy, parse_policy
 
 __all__ = ["PolicyRegistry", "policy_to_dict"]
 

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tls-key", type=Path)
     calibrate.set_defaults(func=_calibrate, json=False)
 
-    from gateway.admin_cli import add_admin_commands
+    from gateway.cli.admin import add_admin_commands
 
     add_admin_commands(commands)
     return parser
@@ -123,7 +123,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from gateway.config import ConfigError, load_config
+    from gateway.runtime.config import ConfigError, load_config
 
     overrides = {"data_dir": args.data_dir}
     if hasattr(args, "port"):
@@ -135,8 +135,8 @@ def _load(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import Gateway
-    from gateway.server import serve
+    from gateway.api.server import serve
+    from gateway.runtime.app import Gateway
 
     config = _load(args)
     gateway = Gateway.create(config)
@@ -181,7 +181,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gateway.evaluate import evaluate_cross_source, evaluate_files, format_reports
+    from gateway.offline.evaluate import evaluate_cross_source, evaluate_files, format_reports
     from router.cross_source import format_cross_source
 
     config = _load(args)
@@ -227,17 +227,19 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from gateway.app import Gateway
-    from gateway.calibrate import calibrate, plot_calibration
-    from gateway.evaluate import format_reports, route_rows
+    from gateway.offline.calibrate import calibrate, plot_calibration
+    from gateway.offline.evaluate import OfflineRouter, format_reports
     from router.decision import Tier
     from router.evaluation import read_labelled
 
     config = _load(args)
     rows = [row for path in args.data for row in read_labelled(path)]
-    gateway = Gateway.create(config)
-    policy = gateway.resolve_policy(args.policy)
-    results = route_rows(gateway, rows, policy_name=policy.name)
+    offline = OfflineRouter.create(config)
+    try:
+        policy = offline.policy(args.policy)
+    except ValueError as exc:
+        raise SystemExit(f"tierguard: {exc}") from None
+    results = offline.route_rows(rows, policy_name=policy.name)
     scores = [r.risk_score for r in results]
     tier0 = [r.decided_by is Tier.PREFILTER for r in results]
     try:
@@ -257,7 +259,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.plot}")
     if args.apply:
         from gateway._proto.guardrail.v1 import admin_pb2 as apb
-        from gateway.admin_cli import admin_stub
+        from gateway.cli.admin import admin_stub
 
         stub, metadata = admin_stub(args)
         request = apb.UpdatePolicyRequest(

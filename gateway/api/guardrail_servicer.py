@@ -10,13 +10,13 @@ import grpc
 from critic.types import Deadline
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.app import Gateway
-from gateway.config import Policy
-from gateway.convert import verdict_to_proto
-from gateway.decision_log import LoggedDecision
-from gateway.errors import DeadlineTooShort, InvalidArgument
-from gateway.interceptors import PRINCIPAL, REQUEST_ID
-from gateway.pipeline import CheckResult, check_prompt, check_response, generate
+from gateway.api.convert import verdict_to_proto
+from gateway.api.interceptors import PRINCIPAL, REQUEST_ID
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import Policy
+from gateway.runtime.decision_log import LoggedDecision
+from gateway.runtime.errors import DeadlineTooShort, InvalidArgument
+from gateway.runtime.pipeline import CheckResult, check_prompt, check_response, generate
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
 
@@ -29,7 +29,7 @@ _DEADLINE_MARGIN_SHARE = 0.1
 
 
 class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
-    """Thin adapter from GuardrailService calls to `gateway.pipeline`."""
+    """Thin adapter from GuardrailService calls to `gateway.runtime.pipeline`."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway

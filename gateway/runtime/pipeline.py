@@ -24,9 +24,9 @@ from critic.loop import FailMode, Outcome, Verdict, judge_prompt, review_respons
 from critic.records import CriticRecord
 from critic.types import Critic, CriticKind, CriticUnavailable, Deadline, Usage
 from embeddings_index.store import Exemplar
-from gateway.app import Gateway
-from gateway.config import CriticMode, Policy
-from gateway.errors import FailedPrecondition, Unavailable
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import CriticMode, Policy
+from gateway.runtime.errors import FailedPrecondition, Unavailable
 from router.decision import Decision, Route, Tier
 from router.router import RouteResult, Timings
 

@@ -1,6 +1,6 @@
 """Cross-cutting concerns of every RPC: request ids, credentials, load shedding, error mapping.
 
-Servicers stay thin: they raise `gateway.errors` exceptions and this module
+Servicers stay thin: they raise `gateway.runtime.errors` exceptions and this module
 turns them into statuses with details. Any other exception becomes INTERNAL
 with the request id (never a stack trace), and an undecodable request
 becomes INVALID_ARGUMENT instead of gRPC's generic deserialisation failure.
@@ -19,14 +19,14 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from gateway.auth import ANONYMOUS, Credentials, Principal, Role, bearer_token
-from gateway.errors import (
+from gateway.api.status import to_status
+from gateway.runtime.auth import ANONYMOUS, Credentials, Principal, Role, bearer_token
+from gateway.runtime.errors import (
     GatewayError,
     InvalidArgument,
     Overloaded,
     PermissionDenied,
     Unauthenticated,
-    to_status,
 )
 
 __all__ = ["PRINCIPAL", "REQUEST_ID", "GatewayInterceptor"]

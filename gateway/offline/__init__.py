@@ -1,0 +1,2 @@
+"""Offline evaluation and calibration on labelled files: no server, no gRPC,
+no data directory writes beyond an optional vector cache."""
