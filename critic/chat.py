@@ -60,6 +60,17 @@ class LLMSettings:
     price_completion_per_1m_usd: float = 0.60
     max_completion_tokens: int = 1500
 
+    def __post_init__(self) -> None:
+        """Refuse pairs no endpoint could work with; the message names the field."""
+        if not self.model:
+            raise ValueError("model must name a model")
+        if self.call_timeout_s <= 0:
+            raise ValueError("call_timeout_s must be more than 0: every call would time out")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be at least backoff_base_s")
+        if self.max_completion_tokens < 1:
+            raise ValueError("max_completion_tokens must be at least 1")
+
 
 class ChatEndpoint:
     """Chat completions with retries, backoff, deadlines and format fallback."""

@@ -19,6 +19,7 @@ import logging
 import secrets
 import string
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import openai
 
 from critic.chat import ChatEndpoint, LLMSettings
 from critic.constitution import Constitution, Rule, Target
-from critic.types import CriticKind, CriticUnavailable, Critique, Deadline, Usage
+from critic.types import CriticUnavailable, Critique, Deadline, Usage
+from embeddings_index.vocabulary import CriticKind
 
 __all__ = ["CircuitBreaker", "LLMCritic", "parse_critique"]
 
@@ -37,14 +39,52 @@ _KEYS = ("violates_rules", "violated_rules", "explanation", "revised_response")
 
 
 class CircuitBreaker:
-    """Opens after `failures` consecutive failures; lets one trial through after `reset_s`."""
+    """Fails fast while the endpoint is down, and always finds out when it is back.
 
-    def __init__(self, failures: int, reset_s: float) -> None:
+    Closed: every call goes out; `failures` consecutive failures open the circuit.
+    Open: calls fail fast for `reset_s`; then the circuit is half-open and lets
+    one trial call out at a time. Every call `allow()` admits must end in
+    exactly one `record(ok)` or `release()` (`LLMCritic.critique` does so in a
+    `finally`):
+
+    - `record(ok=True)` closes the circuit; `record(ok=False)` counts a failure
+      and, once open, reopens it for a fresh `reset_s`.
+    - `release()` ends a call that learnt nothing of the endpoint's health
+      (cancelled, or cut by the caller's deadline). It frees the trial slot and
+      leaves the circuit as it is, so the next request tries at once: reopening
+      instead would let a run of short-deadline callers keep a healthy endpoint
+      shut out, and counting it a success would close the circuit unproven.
+    - A trial that never reports (its task lost) holds the slot for at most
+      `lease_s`; then another trial may go out. Nothing can keep the circuit
+      open for ever once the endpoint is healthy.
+
+    A call admitted while closed, or a trial whose lease ran out, may still
+    report late: its outcome counts (it is real evidence about the endpoint);
+    at worst one extra trial goes out. Not thread-safe: one event loop uses it.
+
+    Args:
+        failures: Consecutive failures that open the circuit.
+        reset_s: How long an open circuit fails fast before a trial.
+        lease_s: Longest a trial may hold the half-open slot without reporting;
+            set it above the longest a call can take (LLMCritic does).
+        clock: Monotonic seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        failures: int,
+        reset_s: float,
+        *,
+        lease_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._threshold = failures
         self._reset_s = reset_s
+        self._lease_s = lease_s
+        self._clock = clock
         self._consecutive = 0
         self._opened_at: float | None = None
-        self._trial_running = False
+        self._trial_until: float | None = None  # the running trial's lease expiry
 
     @property
     def is_open(self) -> bool:
@@ -55,22 +95,35 @@ class CircuitBreaker:
         """Whether a call may go out now (a half-open circuit lets one trial through)."""
         if self._opened_at is None:
             return True
-        if time.monotonic() - self._opened_at >= self._reset_s and not self._trial_running:
-            self._trial_running = True
-            return True
-        return False
+        now = self._clock()
+        if now - self._opened_at < self._reset_s:
+            return False
+        if self._trial_until is not None:
+            if now < self._trial_until:
+                return False
+            log.warning(
+                "critic circuit trial never reported within %.1fs; trying again", self._lease_s
+            )
+        self._trial_until = now + self._lease_s
+        return True
 
     def record(self, ok: bool) -> None:
-        """Count a finished call."""
-        self._trial_running = False
+        """End an admitted call whose outcome says whether the endpoint is healthy."""
+        self._trial_until = None
         if ok:
+            if self._opened_at is not None:
+                log.info("critic circuit closed: the endpoint answered again")
             self._consecutive, self._opened_at = 0, None
             return
         self._consecutive += 1
         if self._consecutive >= self._threshold:
             if self._opened_at is None:
                 log.warning("critic circuit open after %d consecutive failures", self._consecutive)
-            self._opened_at = time.monotonic()
+            self._opened_at = self._clock()
+
+    def release(self) -> None:
+        """End an admitted call that learnt nothing of the endpoint's health: free the trial."""
+        self._trial_until = None
 
 
 class LLMCritic:
@@ -79,7 +132,12 @@ class LLMCritic:
     def __init__(self, settings: LLMSettings, *, client: openai.AsyncOpenAI | None = None) -> None:
         self._settings = settings
         self._endpoint = ChatEndpoint(settings, client=client)
-        self._breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_reset_s)
+        # a trial unheard of for a reset interval and a whole call timeout is presumed lost
+        self._breaker = CircuitBreaker(
+            settings.circuit_failures,
+            settings.circuit_reset_s,
+            lease_s=max(settings.circuit_reset_s, settings.call_timeout_s),
+        )
         self._templates = {
             name: string.Template((_PROMPTS / f"{name}.txt").read_text(encoding="utf-8"))
             for name in ("critique_response", "critique_prompt", "data_response", "data_prompt")
@@ -111,39 +169,69 @@ class LLMCritic:
         constitution: Constitution,
         deadline: Deadline,
     ) -> Critique:
+        """Judge through the endpoint, failing fast while the circuit is open.
+
+        Every way out of an admitted call tells the breaker how it ended (the
+        `finally`), so a half-open trial can never be left holding the circuit:
+        a judgement is a success; an endpoint failure, garbage twice, or any
+        unexpected exception is a failure; the caller's deadline or a
+        cancellation (`asyncio.CancelledError`) says nothing of the endpoint's
+        health and only releases the call.
+
+        Raises:
+            CriticUnavailable: the circuit is open, or no judgement could be had.
+        """
         if not self._breaker.allow():
             raise CriticUnavailable("circuit_open", "the critic endpoint is failing; circuit open")
+        healthy: bool | None = None  # None: the call ended without a verdict on the endpoint
+        try:
+            critique = await self._judge(target, prompt, draft, constitution, deadline)
+            healthy = True
+            return critique
+        except CriticUnavailable as exc:
+            # a caller's short deadline says nothing about the endpoint's health
+            healthy = None if exc.reason == "deadline" else False
+            raise
+        except Exception:
+            healthy = False
+            raise
+        finally:
+            if healthy is None:
+                self._breaker.release()
+            else:
+                self._breaker.record(ok=healthy)
+
+    async def _judge(
+        self,
+        target: Target,
+        prompt: str,
+        draft: str,
+        constitution: Constitution,
+        deadline: Deadline,
+    ) -> Critique:
+        """One judgement: ask, and ask once more if the answer is malformed."""
         messages = self._messages(target, prompt, draft, constitution)
         rules = constitution.rules_for(target)
         usage = Usage()
-        try:
-            for attempt in range(2):  # a malformed answer is retried once
-                content, call_usage = await self._endpoint.complete(
-                    messages, deadline, json_schema=_schema(rules)
-                )
-                usage += call_usage
-                try:
-                    critique = parse_critique(content, rules)
-                except ValueError as exc:
-                    log.warning("critic answer malformed (attempt %d): %s", attempt + 1, exc)
-                    continue
-                self._breaker.record(ok=True)
-                return Critique(
-                    critique.violates,
-                    critique.violated_rules,
-                    critique.explanation,
-                    critique.revised_response if target is Target.RESPONSE else "",
-                    critique.notes,
-                    usage,
-                )
-            raise CriticUnavailable(
-                "malformed_output", "the critic answered with malformed JSON twice"
+        for attempt in range(2):  # a malformed answer is retried once
+            content, call_usage = await self._endpoint.complete(
+                messages, deadline, json_schema=_schema(rules)
             )
-        except CriticUnavailable as exc:
-            # a caller's short deadline says nothing about the endpoint's health
-            if exc.reason != "deadline":
-                self._breaker.record(ok=False)
-            raise
+            usage += call_usage
+            try:
+                critique = parse_critique(content, rules)
+            except ValueError as exc:
+                log.warning("critic answer malformed (attempt %d): %s", attempt + 1, exc)
+                continue
+            return Critique(
+                critique.violates,
+                critique.violated_rules,
+                critique.explanation,
+                critique.revised_response if target is Target.RESPONSE else "",
+                critique.notes,
+                usage,
+            )
+        raise CriticUnavailable("malformed_output", "the critic answered with malformed JSON twice")
 
     def _messages(
         self, target: Target, prompt: str, draft: str, constitution: Constitution

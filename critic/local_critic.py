@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from critic.constitution import Constitution, Target
 from critic.detectors import REDACTED, detect, redact
-from critic.types import CriticKind, Critique, Deadline
+from critic.types import Critique, Deadline
+from embeddings_index.vocabulary import CriticKind
 
 __all__ = ["LocalCritic"]
 

@@ -17,34 +17,19 @@ so nobody can count a fail-open as a pass.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from critic.constitution import Constitution, Severity, Target
 from critic.detectors import DetectorHit, detect, redact
-from critic.types import Critic, CriticKind, CriticUnavailable, Critique, Deadline, Usage
+from critic.types import Critic, CriticUnavailable, Critique, Deadline, Usage
+from embeddings_index.vocabulary import CriticKind, Decision, FailMode
 
-__all__ = ["FailMode", "Outcome", "Round", "Verdict", "judge_prompt", "review_response"]
+__all__ = ["Outcome", "Round", "judge_prompt", "review_response"]
 
 # Extra cheap checks on a text: returns ids of the rules it breaks (e.g. prefilter rules).
 Recheck = Callable[[str], Sequence[str]]
-
-
-class FailMode(enum.Enum):
-    """What a policy answers when the critic cannot judge."""
-
-    CLOSED = "closed"  # BLOCK
-    OPEN = "open"  # ALLOW, flagged
-
-
-class Verdict(enum.Enum):
-    """The critic tier's decision."""
-
-    ALLOW = "allow"
-    REVISE = "revise"
-    BLOCK = "block"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +58,7 @@ class Outcome:
         critic_ms: Time spent in the critic tier.
     """
 
-    verdict: Verdict
+    verdict: Decision
     final_text: str
     violated_rules: tuple[str, ...]
     critique: str
@@ -112,7 +97,7 @@ class _Run:
                 self.violated.append(rule_id)
 
     def outcome(
-        self, verdict: Verdict, final_text: str, critique: str, fail_reason: str = ""
+        self, verdict: Decision, final_text: str, critique: str, fail_reason: str = ""
     ) -> Outcome:
         return Outcome(
             verdict=verdict,
@@ -166,7 +151,13 @@ async def review_response(
                 constitution=constitution, deadline=deadline,
             )  # fmt: skip
         except CriticUnavailable as exc:
-            return _fail(run, fail_mode, exc.reason, exc.message, draft, constitution)
+            # A revision the critic cannot re-check still meets the cheap checks; the
+            # draft it replaces was judged violating, so it never goes back out.
+            broken = [r for r in recheck(text) if r not in run.violated] if round_number else []
+            if broken:
+                run.violated.extend(broken)
+                return _block(run, constitution, "the revision breaks a prefilter rule")
+            return _fail(run, fail_mode, exc.reason, exc.message, text, constitution, draft=draft)
         hits = detect(text, constitution, target=Target.RESPONSE)
         rechecked = recheck(text) if round_number else ()  # revisions only: critic-made text
         cheap = list(dict.fromkeys([*(h.rule_id for h in hits), *rechecked]))
@@ -174,8 +165,8 @@ async def review_response(
         if not critique.violates and not cheap:
             if critic.kind is CriticKind.LOCAL and needs_judgement:
                 reason = "the local critic checks only machine-checkable rules"
-                return _fail(run, fail_mode, "not_judged", reason, text, constitution)
-            verdict = Verdict.ALLOW if round_number == 0 else Verdict.REVISE
+                return _fail(run, fail_mode, "not_judged", reason, text, constitution, draft=draft)
+            verdict = Decision.ALLOW if round_number == 0 else Decision.REVISE
             return run.outcome(verdict, text, critique.explanation)
         revision = critique.revised_response or (redact(text, hits) if hits else "")
         if run.blocking():
@@ -205,15 +196,15 @@ async def judge_prompt(
         return _fail(run, fail_mode, exc.reason, exc.message, "", constitution)
     run.add(prompt, critique)
     if critique.violates:
-        return run.outcome(Verdict.BLOCK, "", critique.explanation)
+        return run.outcome(Decision.BLOCK, "", critique.explanation)
     if critic.kind is CriticKind.LOCAL:
         reason = "the local critic cannot judge a prompt's intent"
         return _fail(run, fail_mode, "not_judged", reason, "", constitution)
-    return run.outcome(Verdict.ALLOW, "", critique.explanation)
+    return run.outcome(Decision.ALLOW, "", critique.explanation)
 
 
 def _block(run: _Run, constitution: Constitution, critique: str) -> Outcome:
-    return run.outcome(Verdict.BLOCK, constitution.safe_reply_for(run.violated), critique)
+    return run.outcome(Decision.BLOCK, constitution.safe_reply_for(run.violated), critique)
 
 
 def _fail(
@@ -223,15 +214,26 @@ def _fail(
     message: str,
     text: str,
     constitution: Constitution,
+    *,
+    draft: str = "",
 ) -> Outcome:
-    """The fail mode's answer; fail-open still enforces the machine-checkable rules."""
+    """The fail mode's answer; fail-open still enforces the machine-checkable rules.
+
+    `text` is what would go out (the draft or the critic's latest revision);
+    fail-open answers ALLOW only when that is the caller's `draft` unchanged,
+    and REVISE whenever the text differs from it, so a client that trusts ALLOW
+    to mean "send your draft" never sends a draft the critic or a detector
+    changed.
+    """
     if fail_mode is FailMode.CLOSED:
         final = constitution.safe_reply_for(run.violated) if text else ""
-        return run.outcome(Verdict.BLOCK, final, message, fail_reason=reason)
+        return run.outcome(Decision.BLOCK, final, message, fail_reason=reason)
     hits: list[DetectorHit] = detect(text, constitution, target=Target.RESPONSE) if text else []
     if hits:
         for rule_id in dict.fromkeys(h.rule_id for h in hits):
             if rule_id not in run.violated:
                 run.violated.append(rule_id)
-        return run.outcome(Verdict.REVISE, redact(text, hits), message, fail_reason=reason)
-    return run.outcome(Verdict.ALLOW, text, message, fail_reason=reason)
+        return run.outcome(Decision.REVISE, redact(text, hits), message, fail_reason=reason)
+    unchanged = text == draft or not draft
+    decision = Decision.ALLOW if unchanged else Decision.REVISE
+    return run.outcome(decision, text, message, fail_reason=reason)

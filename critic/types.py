@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from critic.constitution import Constitution, Target
+from embeddings_index.vocabulary import CriticKind
 
 __all__ = ["Critic", "CriticKind", "CriticUnavailable", "Critique", "Deadline", "Usage"]
-
-
-class CriticKind(enum.Enum):
-    """Which critic answered."""
-
-    LLM = "llm"
-    LOCAL = "local"
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,7 +122,10 @@ class SentenceTransformerEmbedder:
     @property
     def max_seq_length(self) -> int:
         """Word pieces the model reads; the rest of a longer text is cut off."""
-        return int(self._model.max_seq_length)
+        length = self._model.max_seq_length
+        if length is None:
+            raise RuntimeError(f"{self.model_id} does not say how many word pieces it reads")
+        return int(length)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:

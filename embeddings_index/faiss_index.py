@@ -26,9 +26,12 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import faiss
 import numpy as np
+
+from embeddings_index.vocabulary import Label
 
 __all__ = [
     "APPROXIMATE_STRUCTURES",
@@ -195,7 +198,7 @@ class ExemplarIndex:
             raise ValueError("ids, labels, categories and vectors must have the same length")
         self.options = options or IndexOptions()
         dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 0
-        risky = np.array([label == "risky" for label in labels], dtype=bool)
+        risky = np.array([label == Label.RISKY for label in labels], dtype=bool)
         structure = self.options.structure_for(len(ids))
         base = _Base(
             index=_build(structure, dim or 1, vectors, self.options),
@@ -308,7 +311,7 @@ class ExemplarIndex:
 
     def label(self, position: int) -> str:
         """The label of the exemplar at `position`."""
-        return "risky" if self.risky[position] else "benign"
+        return Label.RISKY if self.risky[position] else Label.BENIGN
 
     def search(self, queries: np.ndarray, k: int) -> list[Neighbors]:
         """The `k` nearest exemplars of each query row (fewer if the index is smaller)."""
@@ -370,7 +373,7 @@ class ExemplarIndex:
             np.concatenate([delta_vectors, new.reshape(-1, delta_vectors.shape[1])]),
             [self.ids[n_base + i] for i in keep] + list(ids),
             np.concatenate(
-                [self.risky[n_base:][keep], np.array([x == "risky" for x in labels], bool)]
+                [self.risky[n_base:][keep], np.array([x == Label.RISKY for x in labels], bool)]
             ),
             [self.categories[n_base + i] for i in keep] + list(categories),
             np.concatenate([self._dead, np.array([p for p in dead if p is not None], np.int64)]),
@@ -390,24 +393,28 @@ def _build(structure: str, dim: int, vectors: np.ndarray, options: IndexOptions)
     """A FAISS index of `structure` holding `vectors` (rows are positions)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, dim)
     n = len(vectors)
+    index: faiss.Index
     if structure == EXACT:
         index = faiss.IndexFlatIP(dim)
     elif structure == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = options.ef_construction
+        hnsw = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = options.ef_construction
+        index = hnsw
     else:
         nlist = options.lists_for(n)
         quantizer = faiss.IndexFlatIP(dim)
+        ivf: faiss.IndexIVF
         if structure == "ivf_flat":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
-            index = faiss.IndexIVFScalarQuantizer(
+            ivf = faiss.IndexIVFScalarQuantizer(
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
-        index.cp.min_points_per_centroid = 1  # a small sample is fine; no warning spam
+        ivf.cp.min_points_per_centroid = 1  # a small sample is fine; no warning spam
         sample = min(n, nlist * options.train_per_list)
         rows = np.sort(np.random.default_rng(0).choice(n, sample, replace=False))
-        index.train(vectors[rows])
+        ivf.train(vectors[rows])
+        index = ivf
     if n:
         for start in range(0, n, 262_144):  # bounded temporary memory while adding
             index.add(vectors[start : start + 262_144])
@@ -418,21 +425,25 @@ def _search_params(
     structure: str, options: IndexOptions, alive: np.ndarray | None
 ) -> faiss.SearchParameters | None:
     """Per-search knobs (never set on the shared index) and the live-position filter."""
-    selector = faiss.IDSelectorBitmap(alive) if alive is not None else None
+    # faiss's Python layer wraps these SWIG classes (a bitmap from a numpy array, HNSW
+    # parameters); its type stubs describe only the C++ signatures, so they go untyped here.
+    untyped: Any = faiss
+    selector = untyped.IDSelectorBitmap(alive) if alive is not None else None
+    params: Any
     if structure == "hnsw":
-        params = faiss.SearchParametersHNSW()
+        params = untyped.SearchParametersHNSW()
         params.efSearch = options.ef_search
     elif structure.startswith("ivf"):
-        params = faiss.SearchParametersIVF()
+        params = untyped.SearchParametersIVF()
         params.nprobe = options.nprobe
     elif selector is None:
         return None
     else:
-        params = faiss.SearchParameters()
+        params = untyped.SearchParameters()
     if selector is not None:
         params.sel = selector
         params._keep = (selector, alive)  # the selector points into `alive`
-    return params
+    return cast(faiss.SearchParameters, params)
 
 
 def _merge(

@@ -22,6 +22,7 @@ from embeddings_index.faiss_index import ExemplarIndex, IndexHolder, IndexOption
 from embeddings_index.snapshot import load_snapshot, save_snapshot
 from embeddings_index.starter import STARTER_DIR, sync_starter_pack
 from embeddings_index.store import Exemplar, ExemplarStore, text_key
+from embeddings_index.vocabulary import AddStatus
 
 __all__ = ["AddOutcome", "IndexManager"]
 
@@ -33,12 +34,12 @@ class AddOutcome:
     """What happened to one exemplar of a checked add.
 
     Attributes:
-        status: "added", "duplicate" or "near_duplicate".
+        status: Added, or a duplicate or near-duplicate of `exemplar_id`.
         exemplar_id: The new exemplar's id, or the one it duplicates.
         similarity: Cosine similarity to that exemplar (duplicates: 1.0).
     """
 
-    status: str
+    status: AddStatus
     exemplar_id: str
     similarity: float
 
@@ -229,25 +230,31 @@ class IndexManager:
         for i, exemplar in enumerate(exemplars):
             key = text_key(exemplar.text)
             if key in existing:
-                outcomes.append(AddOutcome("duplicate", existing[key].id, 1.0))
+                outcomes.append(AddOutcome(AddStatus.DUPLICATE, existing[key].id, 1.0))
             elif key in seen_keys:
-                outcomes.append(AddOutcome("duplicate", outcomes[seen_keys[key]].exemplar_id, 1.0))
+                outcomes.append(
+                    AddOutcome(AddStatus.DUPLICATE, outcomes[seen_keys[key]].exemplar_id, 1.0)
+                )
             elif (
                 nearest and len(nearest[i].positions) and (nearest[i].similarities[0] >= threshold)
             ):
                 position = int(nearest[i].positions[0])
                 similarity = float(nearest[i].similarities[0])
-                outcomes.append(AddOutcome("near_duplicate", index.ids[position], similarity))
+                outcomes.append(
+                    AddOutcome(AddStatus.NEAR_DUPLICATE, index.ids[position], similarity)
+                )
             else:
                 within = [j for j in keep if float(vectors[i] @ vectors[j]) >= threshold]
                 if within:
                     similarity = float(vectors[i] @ vectors[within[0]])
                     outcomes.append(
-                        AddOutcome("near_duplicate", outcomes[within[0]].exemplar_id, similarity)
+                        AddOutcome(
+                            AddStatus.NEAR_DUPLICATE, outcomes[within[0]].exemplar_id, similarity
+                        )
                     )
                 else:
                     exemplar_id = exemplar.id or f"ex-{uuid.uuid4().hex[:16]}"
-                    outcomes.append(AddOutcome("added", exemplar_id, 0.0))
+                    outcomes.append(AddOutcome(AddStatus.ADDED, exemplar_id, 0.0))
                     keep.append(i)
                     seen_keys[key] = i
         if not keep:

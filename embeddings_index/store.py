@@ -13,6 +13,7 @@ earlier version can be reconstructed and rolled back to (as a new version).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import sqlite3
 import threading
@@ -21,12 +22,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from embeddings_index.sqlite_db import open_sqlite
+from embeddings_index.vocabulary import Label
+
 __all__ = ["LABELS", "Exemplar", "ExemplarStore", "StoreError", "text_key"]
 
-LABELS = ("risky", "benign")
+LABELS = tuple(Label)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exemplars (
@@ -114,12 +119,7 @@ class ExemplarStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_sqlite(self.path, _SCHEMA, timeout_s=30.0)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open exemplar store {self.path}: {exc}") from exc
         self._lock = threading.RLock()
@@ -143,7 +143,7 @@ class ExemplarStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"exemplar store {self.path}: {exc}") from exc
 
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()
@@ -312,17 +312,29 @@ class ExemplarStore:
             )  # fmt: skip
             return cursor.rowcount == 1
 
-    def pending_proposals(self) -> list[tuple[int, Exemplar]]:
-        """Proposals waiting for review, oldest first, as (proposal id, exemplar)."""
+    def pending_proposals(
+        self, *, after_id: int = 0, limit: int | None = None
+    ) -> list[tuple[int, Exemplar]]:
+        """Proposals waiting for review, oldest first, as (proposal id, exemplar).
+
+        Page with `after_id` (the last id of the previous page): keyset paging
+        never repeats a proposal or skips one still pending, even when others
+        are reviewed in between. `limit=None` returns every pending proposal.
+        """
         rows = self._query(
             "SELECT id, text, label, category, source, added_by, reason, created_at "
-            "FROM proposals WHERE status = 'pending' ORDER BY id"
+            "FROM proposals WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+            (after_id, -1 if limit is None else limit),
         )
         return [
             (pid, Exemplar(id="", text=text, label=label, category=category, source=source,
                            added_by=added_by, reason=reason, created_at=created_at))
             for pid, text, label, category, source, added_by, reason, created_at in rows
         ]  # fmt: skip
+
+    def count_pending_proposals(self) -> int:
+        """Number of proposals waiting for review, counted without loading them."""
+        return int(self._query("SELECT COUNT(*) FROM proposals WHERE status = 'pending'")[0][0])
 
     # -- reads -----------------------------------------------------------------
 
@@ -441,9 +453,9 @@ class ExemplarStore:
         )
         return [_exemplar(row) for row in rows]
 
-    def list_all(self, *, source: str | None = None) -> list[Exemplar]:
+    def list_all(self, *, source: str | None = None) -> builtins.list[Exemplar]:
         """Every live exemplar (of one source, if given)."""
-        exemplars: list[Exemplar] = []
+        exemplars: builtins.list[Exemplar] = []
         while page := self.list(
             source=source, after_row_id=exemplars[-1].row_id if exemplars else 0, limit=1000
         ):
@@ -490,7 +502,7 @@ def _existing_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
     return found
 
 
-def _exemplar(row: tuple) -> Exemplar:
+def _exemplar(row: tuple[Any, ...]) -> Exemplar:
     (row_id, eid, text, label, category, source, lang, added_by, reason, created_at,
      added_version, deleted_version) = row  # fmt: skip
     return Exemplar(

@@ -7,7 +7,7 @@ Leave one source out. For each labelled file F:
   holds them);
 * the scoring model is fitted as `scripts/fit_scorer.py` fits it, on the
   starter pack plus every labelled file except F;
-* `escalate_at` is chosen on the other files (`threshold_for`): the lowest
+* `escalate_at` is chosen on the other files (`router.decision.lowest_threshold_at_rate`): the lowest
   score that escalates at most the target share (3%) of their ordinary-benign
   texts, where each of those files is scored by a model fitted without it
   (nested leave-one-source-out), so the threshold reflects how the scorer
@@ -35,7 +35,8 @@ import numpy as np
 
 from embeddings_index.store import Exemplar
 from embeddings_index.vector_cache import VectorCache
-from router.decision import Route
+from embeddings_index.vocabulary import Label, Route
+from router.decision import lowest_threshold_at_rate
 from router.evaluation import GroupReport, LabelledText, report_by_file_and_category
 from router.normalize import normalize
 from router.prefilter import Prefilter, RuleAction
@@ -62,7 +63,6 @@ __all__ = [
     "leave_one_source_out",
     "quantile_thresholds",
     "router_method",
-    "threshold_for",
     "vigil_method",
 ]
 
@@ -118,7 +118,7 @@ class Corpus:
     def ordinary_benign(self, indices: np.ndarray) -> np.ndarray:
         """The ordinary-benign rows (label benign, not benign_hard) among `indices`."""
         keep = ~self.risky[indices] & ~self.hard[indices]
-        return indices[keep]
+        return np.asarray(indices[keep])
 
 
 def build_corpus(
@@ -152,7 +152,8 @@ def build_corpus(
     cache.save()
     index, pack_examples = pack_training(pack, v_pack, cache.model_id)
     row_examples = [
-        TrainingExample(r.text, r.label == "risky", r.file, v_rows[i]) for i, r in enumerate(rows)
+        TrainingExample(r.text, r.label == Label.RISKY, r.file, v_rows[i])
+        for i, r in enumerate(rows)
     ]
 
     def matrix(examples: list[TrainingExample]) -> np.ndarray:
@@ -161,7 +162,7 @@ def build_corpus(
     segment_x = None
     if v_segments is not None:
         segment_examples = [
-            TrainingExample(rows[o].text, rows[o].label == "risky", rows[o].file, v_segments[j])
+            TrainingExample(rows[o].text, rows[o].label == Label.RISKY, rows[o].file, v_segments[j])
             for j, o in enumerate(owners)
         ]
         # Each window carries its whole text's prefilter hits (the example's
@@ -174,7 +175,7 @@ def build_corpus(
     return Corpus(
         rows=list(rows),
         files=np.array([r.file for r in rows]),
-        risky=np.array([r.label == "risky" for r in rows], dtype=bool),
+        risky=np.array([r.label == Label.RISKY for r in rows], dtype=bool),
         hard=np.array([r.category == "benign_hard" for r in rows], dtype=bool),
         blocked=blocked,
         vectors=v_rows,
@@ -239,17 +240,6 @@ def vigil_method(corpus: Corpus) -> Method:
         return score
 
     return fit
-
-
-def threshold_for(scores: np.ndarray, target: float) -> float:
-    """The lowest threshold t with mean(scores >= t) <= target (escalate when score >= t)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    if not len(s):
-        return 0.0
-    allowed = int(np.floor(target * len(s) + 1e-9))
-    if allowed >= len(s):
-        return float(s[-1])
-    return float(np.nextafter(s[allowed], np.inf))
 
 
 @dataclass(frozen=True)
@@ -343,8 +333,8 @@ def cut(
 
 
 def quantile_thresholds(folded: FoldedScores, target: float) -> dict[str, float]:
-    """Per held-out file: `threshold_for` its nested calibration scores."""
-    return {f: threshold_for(s, target) for f, s in folded.calibration.items()}
+    """Per held-out file: `lowest_threshold_at_rate` of its nested calibration scores."""
+    return {f: lowest_threshold_at_rate(s, target) for f, s in folded.calibration.items()}
 
 
 @dataclass(frozen=True)

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from embeddings_index.vocabulary import Decision, Route, Tier
 from router.prefilter import PrefilterHit, RuleAction
 
-__all__ = ["Decision", "Route", "Thresholds", "Tier", "route_for"]
-
-
-class Decision(enum.Enum):
-    """What the caller should do with a text."""
-
-    ALLOW = "allow"
-    BLOCK = "block"
-    REVISE = "revise"
-
-
-class Tier(enum.Enum):
-    """The tier that made a decision, in the order a request meets them."""
-
-    PREFILTER = "prefilter"
-    EMBEDDING = "embedding"
-    CRITIC = "critic"
-
-
-class Route(enum.Enum):
-    """Where the router sends a text."""
-
-    ALLOW = "allow"
-    ESCALATE = "escalate"
-    BLOCK = "block"
+__all__ = ["Decision", "Route", "Thresholds", "Tier", "lowest_threshold_at_rate", "route_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +48,19 @@ def route_for(
     if score >= thresholds.escalate_at:
         return Route.ESCALATE, Tier.EMBEDDING
     return Route.ALLOW, Tier.EMBEDDING
+
+
+def lowest_threshold_at_rate(scores: Sequence[float] | np.ndarray, rate: float) -> float:
+    """The lowest threshold t at which at most `rate` of `scores` reach it (score >= t).
+
+    The one rule for "escalate at most X% of benign": calibration, the
+    cross-source evaluation and the offline tools all choose thresholds with it.
+    No scores: 0.0. A rate of 1 or more: the lowest score (everything reaches it).
+    """
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if not len(ordered):
+        return 0.0
+    allowed = int(np.floor(rate * len(ordered) + 1e-9))
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    return float(np.nextafter(ordered[allowed], np.inf))  # just above the first score not allowed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.decision import Route
+from embeddings_index.vocabulary import Label, Route
 
 __all__ = [
     "GroupReport",
@@ -48,7 +48,7 @@ def read_labelled(path: Path) -> list[LabelledText]:
         try:
             raw = json.loads(line)
             label = raw["label"]
-            if label not in ("risky", "benign"):
+            if label not in tuple(Label):
                 raise ValueError(f"label must be 'risky' or 'benign', got {label!r}")
             rows.append(
                 LabelledText(
@@ -65,7 +65,7 @@ def read_labelled(path: Path) -> list[LabelledText]:
     return rows
 
 
-def auroc(scores: Sequence[float], risky: Sequence[bool]) -> float | None:
+def auroc(scores: Sequence[float] | np.ndarray, risky: Sequence[bool] | np.ndarray) -> float | None:
     """Area under the ROC curve (ties count half); None unless both classes are present."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(risky, dtype=bool)
@@ -108,13 +108,13 @@ def _rate(flags: np.ndarray) -> float | None:
 def report_groups(
     rows: Sequence[LabelledText],
     routes: Sequence[Route],
-    scores: Sequence[float],
+    scores: Sequence[float] | np.ndarray,
     groups: Iterable[tuple[str, Sequence[int]]],
 ) -> list[GroupReport]:
     """One report per (name, row indices) group."""
     route_arr = np.array([r.value for r in routes])
     score_arr = np.asarray(scores, dtype=np.float64)
-    risky = np.array([r.label == "risky" for r in rows])
+    risky = np.array([r.label == Label.RISKY for r in rows])
     hard = np.array([r.category == "benign_hard" for r in rows])
     caught = route_arr != Route.ALLOW.value
     reports = []

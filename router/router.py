@@ -7,6 +7,15 @@ nothing of gRPC; the gateway turns a `RouteResult` into a response.
 A long text is also embedded in windows (see `ScoringModel.segments`): the
 embedder reads only the start of a text, so each window is scored like a text
 of its own and the riskiest reading counts; its neighbours are the evidence.
+
+Tier 0 (normalisation, the prefilter, cutting the windows) is CPU work in
+proportion to the text: `Router.route` runs it in an executor (the event
+loop's default one unless given) for any but a short text, so that one long
+or hostile text does not hold up every other caller. Its work is bounded by
+`NormalizationLimits`; past them `route` raises `TextTooExpanded`, and for a
+text with nothing left after normalisation (only invisible or control
+characters) `EmptyAfterNormalization`: both are `TextRejected`, a ValueError
+whose message tells the caller what to fix.
 """
 
 from __future__ import annotations
@@ -14,17 +23,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from embeddings_index.faiss_index import ExemplarIndex, Neighbors
-from router.decision import Route, Thresholds, Tier, route_for
-from router.normalize import NormalizedText, normalize
+from embeddings_index.vocabulary import Route, Tier
+from router.decision import Thresholds, route_for
+from router.normalize import (
+    DEFAULT_LIMITS,
+    EmptyAfterNormalization,
+    NormalizationLimits,
+    NormalizedText,
+    normalize,
+)
 from router.prefilter import Prefilter, PrefilterHit, RuleAction
 from router.scoring import Evidence, ScoringModel
 
-__all__ = ["RouteResult", "Router", "Timings"]
+__all__ = ["INLINE_MAX_CHARS", "RouteResult", "Router", "Timings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +96,22 @@ class RouteResult:
 
 Embed = Callable[[str], Awaitable[np.ndarray]]
 
+# Below this many characters (a fifth of it for text that is not ASCII, which
+# NFKC may lengthen) tier 0 takes well under a millisecond even for a hostile
+# text, less than handing it to a thread costs: it runs on the event loop.
+INLINE_MAX_CHARS = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Tier0:
+    """What tier 0 made of a text, and how long it took."""
+
+    normalized: NormalizedText
+    hits: tuple[PrefilterHit, ...]
+    segments: list[str]
+    normalize_ms: float
+    prefilter_ms: float
+
 
 class Router:
     """Routes texts with one prefilter, one scoring model and the current exemplar index.
@@ -88,6 +121,11 @@ class Router:
         scoring: The model that turns evidence into a risk score.
         index: Returns the index snapshot to search (called once per text, so
             an index swapped in by an admin applies to the next request).
+        executor: Runs tier 0 of `route` off the event loop; None: the
+            loop's default executor. The caller owns it (and shuts it down).
+        limits: Bounds on the work of normalising one text.
+        inline_max_chars: Texts up to this long (a fifth of it when not
+            ASCII) are normalised on the event loop; 0: none.
     """
 
     def __init__(
@@ -96,41 +134,78 @@ class Router:
         prefilter: Prefilter,
         scoring: ScoringModel,
         index: Callable[[], ExemplarIndex],
+        executor: Executor | None = None,
+        limits: NormalizationLimits = DEFAULT_LIMITS,
+        inline_max_chars: int = INLINE_MAX_CHARS,
     ) -> None:
         self._prefilter = prefilter
         self._scoring = scoring
         self._index = index
+        self._executor = executor
+        self._limits = limits
+        self._inline_max_chars = inline_max_chars
 
     @property
     def scoring(self) -> ScoringModel:
         """The scoring model in use."""
         return self._scoring
 
+    @property
+    def limits(self) -> NormalizationLimits:
+        """The bounds on normalising one text."""
+        return self._limits
+
     async def route(
         self, text: str, *, thresholds: Thresholds, embed: Embed, k: int | None = None
     ) -> RouteResult:
-        """Route one text; `embed` turns the normalised text into its unit vector."""
-        start = time.perf_counter()
-        normalized = normalize(text)
-        t_norm = time.perf_counter()
-        hits = tuple(self._prefilter.scan(normalized))
-        t_pre = time.perf_counter()
+        """Route one text; `embed` turns the normalised text into its unit vector.
+
+        Raises:
+            TextTooExpanded: normalising the text would go past the router's
+                `NormalizationLimits` (a ValueError saying what to fix).
+            EmptyAfterNormalization: nothing but invisible or control
+                characters and whitespace (a ValueError).
+        """
+        if self._inline(text):
+            tier0 = self._tier0(text)
+        else:
+            loop = asyncio.get_running_loop()
+            tier0 = await loop.run_in_executor(self._executor, self._tier0, text)
+        normalized, hits = tier0.normalized, tier0.hits
         index = self._index()
         if any(hit.action is RuleAction.BLOCK for hit in hits):
-            return self._tier0_block(normalized, hits, thresholds, index, start, t_norm, t_pre)
-        segments = self._scoring.segments(normalized.text)
-        vectors = await asyncio.gather(embed(normalized.text), *(embed(s) for s in segments))
+            return self._tier0_block(tier0, thresholds, index)
+        t_pre = time.perf_counter()
+        readings = (normalized.text, *tier0.segments)
+        vectors = await asyncio.gather(*(embed(reading) for reading in readings))
         t_embed = time.perf_counter()
         stacked = np.vstack(vectors)
         neighbors = index.search(stacked, k or self._scoring.k)
         result = self._decide(normalized, hits, stacked, neighbors, thresholds, index)
         timings = Timings(
-            normalize_ms=_ms(start, t_norm),
-            prefilter_ms=_ms(t_norm, t_pre),
+            normalize_ms=tier0.normalize_ms,
+            prefilter_ms=tier0.prefilter_ms,
             embed_ms=_ms(t_pre, t_embed),
             search_ms=_ms(t_embed, time.perf_counter()),
         )
         return replace(result, timings=timings)
+
+    def _inline(self, text: str) -> bool:
+        limit = self._inline_max_chars if text.isascii() else self._inline_max_chars // 5
+        return len(text) <= limit
+
+    def _tier0(self, text: str) -> _Tier0:
+        """Normalise, scan and cut the windows of one text (CPU only; any thread)."""
+        start = time.perf_counter()
+        normalized = normalize(text, limits=self._limits)
+        if not normalized.text:
+            raise EmptyAfterNormalization(len(text))
+        t_norm = time.perf_counter()
+        hits = tuple(self._prefilter.scan(normalized))
+        t_pre = time.perf_counter()
+        blocked = any(hit.action is RuleAction.BLOCK for hit in hits)
+        segments = [] if blocked else self._scoring.segments(normalized.text)
+        return _Tier0(normalized, hits, segments, _ms(start, t_norm), _ms(t_norm, t_pre))
 
     def route_batch(
         self,
@@ -140,8 +215,12 @@ class Router:
         encode: Callable[[list[str]], np.ndarray],
         k: int | None = None,
     ) -> list[RouteResult]:
-        """Route many texts in process with one call to `encode` (for evaluation)."""
-        normalized = [normalize(t) for t in texts]
+        """Route many texts in process with one call to `encode` (for evaluation).
+
+        Raises:
+            TextTooExpanded: a text would go past the router's `NormalizationLimits`.
+        """
+        normalized = [normalize(t, limits=self._limits) for t in texts]
         hits = [tuple(self._prefilter.scan(n)) for n in normalized]
         index = self._index()
         readings = [[n.text, *self._scoring.segments(n.text)] for n in normalized]
@@ -179,19 +258,12 @@ class Router:
         return RouteResult(route, tier, score, thresholds, normalized, hits, neighbors[best], index)
 
     @staticmethod
-    def _tier0_block(
-        normalized: NormalizedText,
-        hits: tuple[PrefilterHit, ...],
-        thresholds: Thresholds,
-        index: ExemplarIndex,
-        start: float,
-        t_norm: float,
-        t_pre: float,
-    ) -> RouteResult:
-        timings = Timings(normalize_ms=_ms(start, t_norm), prefilter_ms=_ms(t_norm, t_pre))
+    def _tier0_block(tier0: _Tier0, thresholds: Thresholds, index: ExemplarIndex) -> RouteResult:
+        timings = Timings(normalize_ms=tier0.normalize_ms, prefilter_ms=tier0.prefilter_ms)
         return RouteResult(
-            Route.BLOCK, Tier.PREFILTER, 1.0, thresholds, normalized, hits, None, index, timings
-        )
+            Route.BLOCK, Tier.PREFILTER, 1.0, thresholds, tier0.normalized, tier0.hits, None,
+            index, timings,
+        )  # fmt: skip
 
 
 def _ms(start: float, end: float) -> float:

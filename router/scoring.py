@@ -56,7 +56,7 @@ class Evidence:
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray:
     """The logistic function, clipped so that no logit overflows."""
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
 
 
 def prefilter_signal(hits: Sequence[PrefilterHit]) -> float:

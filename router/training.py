@@ -16,6 +16,7 @@ import numpy as np
 
 from embeddings_index.faiss_index import ExemplarIndex, Neighbors
 from embeddings_index.store import Exemplar
+from embeddings_index.vocabulary import Label
 from router.normalize import normalize
 from router.prefilter import Prefilter
 from router.scoring import Evidence, ScoringModel, features, sigmoid
@@ -121,7 +122,7 @@ def group_weights(examples: Sequence[TrainingExample], *, pack_share: float = 0.
 
 
 def group_weights_for(
-    risky: Sequence[bool], groups: Sequence[str], *, pack_share: float = 0.5
+    risky: Sequence[bool] | np.ndarray, groups: Sequence[str], *, pack_share: float = 0.5
 ) -> np.ndarray:
     """`group_weights` from parallel sequences of labels and groups."""
     pairs = [(bool(r), g) for r, g in zip(risky, groups, strict=True)]
@@ -133,7 +134,7 @@ def group_weights_for(
         both_sides = sides[(r, True)] and sides[(r, False)]
         share = (pack_share if from_pack else 1.0 - pack_share) if both_sides else 1.0
         weights[i] = share / (sides[(r, from_pack)] * counts[(r, g)])
-    return weights * len(pairs) / weights.sum()
+    return np.asarray(weights * len(pairs) / weights.sum())
 
 
 def design_matrix(
@@ -178,7 +179,7 @@ def pack_training(
         vectors=vectors,
     )
     examples = [
-        TrainingExample(e.text, e.label == "risky", PACK_PREFIX + e.category, vectors[i], i)
+        TrainingExample(e.text, e.label == Label.RISKY, PACK_PREFIX + e.category, vectors[i], i)
         for i, e in enumerate(pack)
     ]
     return index, examples

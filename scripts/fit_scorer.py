@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from embeddings_index.embedder import SentenceTransformerEmbedder  # noqa: E402
 from embeddings_index.starter import load_precomputed_vectors, load_starter_pack  # noqa: E402
 from embeddings_index.vector_cache import VectorCache  # noqa: E402
+from embeddings_index.vocabulary import Label  # noqa: E402
 from router.evaluation import read_labelled  # noqa: E402
 from router.normalize import normalize  # noqa: E402
 from router.prefilter import Prefilter  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     index, pack_examples = pack_training(pack, pack_vectors, embedder.model_id)
     examples = pack_examples + [
-        TrainingExample(r.text, r.label == "risky", r.file, row_vectors[i])
+        TrainingExample(r.text, r.label == Label.RISKY, r.file, row_vectors[i])
         for i, r in enumerate(rows)
     ]
     digest = hashlib.sha256("".join(sorted(p.name for p in args.data)).encode()).hexdigest()[:12]

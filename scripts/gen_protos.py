@@ -2,7 +2,8 @@
 
 The output is committed. Run this after editing a .proto; `--check` regenerates
 into a temporary directory and fails when the committed files are stale, which
-is how CI keeps the two in step.
+is how CI keeps the two in step. protos/released/ (the frozen contract of the
+last release, for `buf breaking`) is not compiled.
 
     python scripts/gen_protos.py [--check]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+RELEASED = PROTO_ROOT / "released"  # the baseline of `buf breaking`, not the live contract
 OUT_DIR = ROOT / "gateway" / "_proto"
 PACKAGE_PREFIX = "gateway._proto"
 _IMPORT = re.compile(r"^from guardrail\.v1 import", re.MULTILINE)
@@ -29,7 +31,11 @@ def generate(out_dir: Path) -> None:
     """Run protoc on every .proto under protos/ and rewrite imports for our package."""
     from grpc_tools import protoc  # dev dependency; imported here so --help works without it
 
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT))
+        for p in PROTO_ROOT.rglob("*.proto")
+        if RELEASED not in p.parents
+    )
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
@@ -38,6 +44,9 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        # Typed stubs of the gRPC modules (mypy-protobuf's plugin, installed with the dev tools).
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
     if protoc.main(args) != 0:

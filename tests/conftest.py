@@ -2,7 +2,9 @@
 
 Seeding a store embeds the whole starter pack, so it happens once per session;
 each test that needs a store gets its own copy of that file. Servers are the
-production `start_server` on 127.0.0.1 with a free port.
+production `start_server` on 127.0.0.1 with a free port. Tests that use the real
+model, or live in tests/e2e, are marked `model`; the rest form `scripts/test --fast`,
+and `hashing_embedder` / `hashed_data_dir` let a test build a gateway without the model.
 """
 
 from __future__ import annotations
@@ -18,15 +20,36 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from critic.loop import FailMode
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
+from embeddings_index.vocabulary import CriticMode, FailMode
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.api.server import RunningServer, start_server
 from gateway.runtime.app import Gateway
-from gateway.runtime.config import Config, CriticMode, LLMConfig, Policy, ServerConfig
+from gateway.runtime.config import Config, LLMConfig, Policy, ServerConfig
 from router.normalize import normalized_text
+from tests.fakes.embedder import HashingEmbedder
 from tests.fakes.openai_server import FakeOpenAI
+
+# Fixtures that load the real embedding model (directly or through the ones they use).
+MODEL_FIXTURES = frozenset({"embedder", "models_dir"})
+# Modules that test the real model itself, some tests without any fixture (an export in a child).
+MODEL_MODULES = frozenset({"test_onnx_embedder.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `model` every test that loads the real model or runs end to end (tests/e2e).
+
+    `scripts/test --fast` runs `-m "not model"`: the tests that need no model.
+    """
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if (
+            MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+            or item.path.is_relative_to(e2e)
+            or item.path.name in MODEL_MODULES
+        ):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +90,32 @@ def data_dir(seeded_store_file: Path, tmp_path: Path) -> Path:
     directory = tmp_path / "data"
     directory.mkdir()
     shutil.copy(seeded_store_file, directory / "exemplars.sqlite3")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hashing_embedder() -> HashingEmbedder:
+    """The fast lane's deterministic stand-in for the model (tests/fakes/embedder.py)."""
+    return HashingEmbedder()
+
+
+@pytest.fixture(scope="session")
+def hashed_store_file(
+    hashing_embedder: HashingEmbedder, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The starter pack embedded by `hashing_embedder`, once per session (a few seconds)."""
+    directory = tmp_path_factory.mktemp("hashed")
+    manager = IndexManager.open(directory, hashing_embedder, prepare=normalized_text)
+    manager.store.close()
+    return directory / "exemplars.sqlite3"
+
+
+@pytest.fixture
+def hashed_data_dir(hashed_store_file: Path, tmp_path: Path) -> Path:
+    """A fresh data directory whose store is a copy of the hashed one: no model needed."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    shutil.copy(hashed_store_file, directory / "exemplars.sqlite3")
     return directory
 
 

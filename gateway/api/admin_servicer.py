@@ -15,27 +15,30 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-import grpc
-
 from embeddings_index.store import Exemplar, StoreError
+from embeddings_index.vocabulary import Decision, Route
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway.api.convert import (
     LABEL_NAMES,
     LABELS,
+    audit_event_to_proto,
+    decision_counts_to_proto,
     exemplar_to_proto,
     policy_from_proto,
     policy_to_proto,
+    route_counts_to_proto,
     verdict_to_proto,
 )
-from gateway.api.interceptors import PRINCIPAL, REQUEST_ID
+from gateway.api.interceptors import PRINCIPAL, REQUEST_ID, ServicerContext
+from gateway.api.validation import refused_as_invalid, validated_text
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import ConfigError, Policy
 from gateway.runtime.errors import InvalidArgument, NotFound
 from gateway.runtime.pipeline import CheckResult
 from gateway.runtime.policies import policy_to_dict
-from router.decision import Decision, Route, Thresholds, route_for
+from router.decision import Thresholds, route_for
 
 __all__ = ["AdminServicer"]
 
@@ -60,7 +63,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     # -- exemplars -----------------------------------------------------------
 
     async def AddExemplars(
-        self, request: apb.AddExemplarsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.AddExemplarsRequest, context: ServicerContext
     ) -> apb.AddExemplarsResponse:
         state = self._gateway.admin_state
         if (cached := state.remembered("AddExemplars", request.request_id)) is not None:
@@ -69,9 +72,10 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         threshold = request.near_duplicate_similarity or DEFAULT_NEAR_DUPLICATE
         if not 0.0 < threshold <= 1.0:
             raise InvalidArgument("near_duplicate_similarity", "must be in (0, 1]; 0 means 0.97")
-        outcomes, version = await asyncio.to_thread(
-            self._gateway.index.add_checked, exemplars, near_duplicate_similarity=threshold
-        )
+        with refused_as_invalid("exemplars"):  # a text that expands past the limits
+            outcomes, version = await asyncio.to_thread(
+                self._gateway.index.add_checked, exemplars, near_duplicate_similarity=threshold
+            )
         statuses = {
             "added": apb.ADD_STATUS_ADDED,
             "duplicate": apb.ADD_STATUS_DUPLICATE,
@@ -103,10 +107,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         exemplars = []
         for i, item in enumerate(items):
             where = f"exemplars[{i}]"
-            if not item.text.strip():
-                raise InvalidArgument(f"{where}.text", "must contain a non-whitespace character")
-            if len(item.text) > limit:
-                raise InvalidArgument(f"{where}.text", f"is longer than the limit of {limit}")
+            validated_text(f"{where}.text", item.text, max_chars=limit)
             if item.label not in LABEL_NAMES:
                 raise InvalidArgument(f"{where}.label", "must be LABEL_RISKY or LABEL_BENIGN")
             if not item.category.strip():
@@ -121,7 +122,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return exemplars
 
     async def DeleteExemplar(
-        self, request: apb.DeleteExemplarRequest, context: grpc.aio.ServicerContext
+        self, request: apb.DeleteExemplarRequest, context: ServicerContext
     ) -> apb.DeleteExemplarResponse:
         if not request.exemplar_id:
             raise InvalidArgument("exemplar_id", "is required")
@@ -136,7 +137,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return apb.DeleteExemplarResponse(index_version=version)
 
     async def ListExemplars(
-        self, request: apb.ListExemplarsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ListExemplarsRequest, context: ServicerContext
     ) -> apb.ListExemplarsResponse:
         size = _page_size(request.page_size, default=100)
         after = _decode_token(request.page_token)
@@ -153,17 +154,18 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         )
 
     async def SearchExemplars(
-        self, request: apb.SearchExemplarsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.SearchExemplarsRequest, context: ServicerContext
     ) -> apb.SearchExemplarsResponse:
-        if not request.text.strip():
-            raise InvalidArgument("text", "must contain a non-whitespace character")
+        limit = self._gateway.config.server.max_text_chars
+        validated_text("text", request.text, max_chars=limit)
         k = request.k or 10
         if not 1 <= k <= 100:
             raise InvalidArgument("k", "must be between 1 and 100")
         policy = self._gateway.resolve_policy(request.policy)
-        routed = await self._gateway.router.route(
-            request.text, thresholds=policy.thresholds, embed=self._gateway.batcher.embed, k=k
-        )
+        with refused_as_invalid("text"):
+            routed = await self._gateway.router.route(
+                request.text, thresholds=policy.thresholds, embed=self._gateway.batcher.embed, k=k
+            )
         transparent = dataclasses.replace(policy, expose_evidence=True)
         decision = {Route.ALLOW: Decision.ALLOW, Route.BLOCK: Decision.BLOCK}.get(
             routed.route, Decision.BLOCK
@@ -179,7 +181,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return apb.SearchExemplarsResponse(matches=verdict.nearest_exemplars, verdict=verdict)
 
     async def RollbackIndex(
-        self, request: apb.RollbackIndexRequest, context: grpc.aio.ServicerContext
+        self, request: apb.RollbackIndexRequest, context: ServicerContext
     ) -> apb.RollbackIndexResponse:
         before = self._gateway.index.index.version
         try:
@@ -196,30 +198,42 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     # -- proposals -----------------------------------------------------------
 
     async def ListProposals(
-        self, request: apb.ListProposalsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ListProposalsRequest, context: ServicerContext
     ) -> apb.ListProposalsResponse:
         size = _page_size(request.page_size, default=100)
-        pending = await asyncio.to_thread(self._gateway.index.store.pending_proposals)
+        after = _decode_token(request.page_token, kind=_PROPOSALS_TOKEN)
+        page = await asyncio.to_thread(
+            self._gateway.index.store.pending_proposals, after_id=after, limit=size + 1
+        )
+        more = len(page) > size
+        page = page[:size]
         return apb.ListProposalsResponse(
             proposals=[
-                apb.Proposal(proposal_id=pid, exemplar=exemplar_to_proto(e))
-                for pid, e in pending[:size]
-            ]
+                apb.Proposal(proposal_id=pid, exemplar=exemplar_to_proto(e)) for pid, e in page
+            ],
+            next_page_token=_encode_token(page[-1][0], kind=_PROPOSALS_TOKEN) if more else "",
         )
 
     async def ReviewProposal(
-        self, request: apb.ReviewProposalRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ReviewProposalRequest, context: ServicerContext
     ) -> apb.ReviewProposalResponse:
+        if request.proposal_id <= 0:
+            raise InvalidArgument("proposal_id", "is required (an id from ListProposals)")
+        if request.review not in (apb.PROPOSAL_REVIEW_ACCEPT, apb.PROPOSAL_REVIEW_REJECT):
+            raise InvalidArgument(
+                "review", "must be PROPOSAL_REVIEW_ACCEPT or PROPOSAL_REVIEW_REJECT"
+            )
+        accept = request.review == apb.PROPOSAL_REVIEW_ACCEPT
         index = self._gateway.index
         try:
             proposal = await asyncio.to_thread(
-                index.store.review_proposal, request.proposal_id, accept=request.accept,
+                index.store.review_proposal, request.proposal_id, accept=accept,
                 reviewer=self._actor,
             )  # fmt: skip
         except StoreError as exc:
             raise NotFound(str(exc), reason="PROPOSAL_NOT_FOUND") from exc
         exemplar_id, version = "", index.index.version
-        if request.accept:
+        if accept:
             accepted = dataclasses.replace(
                 proposal, added_by=f"{proposal.added_by}; accepted by {self._actor}"
             )
@@ -227,7 +241,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 index.add_checked, [accepted], near_duplicate_similarity=1.01
             )
             exemplar_id = outcomes[0].exemplar_id
-        self._audit("accept_proposal" if request.accept else "reject_proposal",
+        self._audit("accept_proposal" if accept else "reject_proposal",
                     str(request.proposal_id), dataclasses.asdict(proposal),
                     {"exemplar_id": exemplar_id, "index_version": version,
                      "reason": request.reason})  # fmt: skip
@@ -236,13 +250,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     # -- policies --------------------------------------------------------------
 
     async def GetPolicy(
-        self, request: apb.GetPolicyRequest, context: grpc.aio.ServicerContext
+        self, request: apb.GetPolicyRequest, context: ServicerContext
     ) -> apb.GetPolicyResponse:
         policy = self._gateway.resolve_policy(request.name or self._gateway.policies.default_name)
         return apb.GetPolicyResponse(policy=self._policy(policy))
 
     async def ListPolicies(
-        self, request: apb.ListPoliciesRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ListPoliciesRequest, context: ServicerContext
     ) -> apb.ListPoliciesResponse:
         return apb.ListPoliciesResponse(
             policies=[self._policy(p) for p in self._gateway.policies.all()],
@@ -250,7 +264,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         )
 
     async def UpdatePolicy(
-        self, request: apb.UpdatePolicyRequest, context: grpc.aio.ServicerContext
+        self, request: apb.UpdatePolicyRequest, context: ServicerContext
     ) -> apb.UpdatePolicyResponse:
         state = self._gateway.admin_state
         if (cached := state.remembered("UpdatePolicy", request.request_id)) is not None:
@@ -258,10 +272,10 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         name = request.policy.name
         if not name:
             raise InvalidArgument("policy.name", "is required")
-        if not request.update_mask:
+        if not request.update_mask.paths:
             raise InvalidArgument("update_mask", "name the fields to change, e.g. escalate_at")
         try:
-            changes = policy_from_proto(request.policy, request.update_mask)
+            changes = policy_from_proto(request.policy, request.update_mask.paths)
             before, after = await asyncio.to_thread(
                 self._gateway.policies.update, name, changes, self._actor
             )
@@ -280,19 +294,20 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
     # -- observation -------------------------------------------------------------
 
     async def GetStats(
-        self, request: apb.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.GetStatsRequest, context: ServicerContext
     ) -> apb.GetStatsResponse:
         gateway = self._gateway
         counts = await asyncio.to_thread(gateway.index.store.counts)
         usage = await asyncio.to_thread(gateway.records.usage)
-        pending = await asyncio.to_thread(gateway.index.store.pending_proposals)
+        pending = await asyncio.to_thread(gateway.index.store.count_pending_proposals)
         traffic = []
         for name, counters in sorted(gateway.stats.policies.items()):
             policy = gateway.policies.get(name)
             budget = policy.escalation_budget if policy else 0.0
             traffic.append(
                 apb.PolicyTraffic(
-                    policy=name, requests=counters.requests, decisions=dict(counters.decisions),
+                    policy=name, requests=counters.requests,
+                    decision_counts=decision_counts_to_proto(counters.decisions),
                     escalation_rate=counters.escalation_rate, escalation_budget=budget,
                     over_budget=bool(budget) and counters.escalation_rate > budget,
                     fallbacks=counters.fallbacks,
@@ -311,12 +326,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                 completion_tokens=usage.completion_tokens,
                 cost_usd=usage.cost_usd,
             ),
-            pending_proposals=len(pending),
+            pending_proposals=pending,
             uptime_s=gateway.stats.uptime_s,
         )
 
     async def ListAuditEvents(
-        self, request: apb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ListAuditEventsRequest, context: ServicerContext
     ) -> apb.ListAuditEventsResponse:
         size = _page_size(request.page_size, default=50)
         before_id = _decode_token(request.page_token) or None
@@ -326,12 +341,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         more = len(events) > size
         events = events[:size]
         return apb.ListAuditEventsResponse(
-            events=[apb.AuditEvent(**dataclasses.asdict(e)) for e in events],
+            events=[audit_event_to_proto(e) for e in events],
             next_page_token=_encode_token(events[-1].event_id) if more else "",
         )
 
     async def ReplayDecisions(
-        self, request: apb.ReplayDecisionsRequest, context: grpc.aio.ServicerContext
+        self, request: apb.ReplayDecisionsRequest, context: ServicerContext
     ) -> apb.ReplayDecisionsResponse:
         policy = self._gateway.resolve_policy(request.policy or self._gateway.policies.default_name)
         try:
@@ -350,9 +365,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         replayed = [_replayed_route(route, score, thresholds) for route, score in rows]
         after = Counter(replayed)
         changed = sum(old != new for (old, _), new in zip(rows, replayed, strict=True))
-        per_1k = lambda counts: 1000.0 * counts["escalate"] / len(rows) if rows else 0.0  # noqa: E731
+
+        def per_1k(counts: Counter[str]) -> float:
+            return 1000.0 * counts["escalate"] / len(rows) if rows else 0.0
+
         return apb.ReplayDecisionsResponse(
-            replayed=len(rows), before=dict(before), after=dict(after), changed=changed,
+            replayed=len(rows), routes_before=route_counts_to_proto(before),
+            routes_after=route_counts_to_proto(after), changed=changed,
             critic_calls_per_1k_before=per_1k(before), critic_calls_per_1k_after=per_1k(after),
             thresholds=pb.Thresholds(escalate_at=thresholds.escalate_at, block_at=thresholds.block_at),
         )  # fmt: skip
@@ -379,17 +398,20 @@ def _page_size(requested: int, *, default: int) -> int:
     return requested or default
 
 
-def _encode_token(value: int) -> str:
-    return base64.urlsafe_b64encode(f"after:{value}".encode()).decode()
+_PROPOSALS_TOKEN = "proposal"  # a token of one list is refused by another
 
 
-def _decode_token(token: str) -> int:
+def _encode_token(value: int, *, kind: str = "after") -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
+
+
+def _decode_token(token: str, *, kind: str = "after") -> int:
     if not token:
         return 0
     try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "after":
-            raise ValueError(kind)
+        found, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if found != kind:
+            raise ValueError(found)
         return int(value)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument("page_token", "is not a token this server issued") from None

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from critic.loop import FailMode
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from embeddings_index.store import Exemplar, ExemplarStore
+from embeddings_index.vocabulary import (
+    CriticKind,
+    CriticMode,
+    Decision,
+    FailMode,
+    Label,
+    Route,
+    Tier,
+)
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
-from gateway.runtime.config import CriticMode, Policy
+from gateway.runtime.admin_state import AuditEvent
+from gateway.runtime.config import Policy
 from gateway.runtime.pipeline import CheckResult
-from router.decision import Decision, Tier
 from router.prefilter import PrefilterHit, RuleAction
 
 __all__ = [
+    "AUDIT_ACTIONS",
+    "CRITIC_MODES",
+    "FAIL_MODES",
     "LABELS",
     "LABEL_NAMES",
+    "audit_event_to_proto",
+    "decision_counts_to_proto",
     "exemplar_to_proto",
     "policy_from_proto",
     "policy_to_proto",
+    "route_counts_to_proto",
+    "timestamp",
     "verdict_to_proto",
 ]
 
@@ -42,9 +59,32 @@ _ACTIONS = {
     RuleAction.BLOCK: pb.PREFILTER_ACTION_BLOCK,
     RuleAction.SIGNAL: pb.PREFILTER_ACTION_SIGNAL,
 }
-LABELS = {"risky": pb.LABEL_RISKY, "benign": pb.LABEL_BENIGN}
+LABELS: dict[str, pb.Label] = {Label.RISKY: pb.LABEL_RISKY, Label.BENIGN: pb.LABEL_BENIGN}
 LABEL_NAMES = {value: name for name, value in LABELS.items()}
-_FAIL_MODES = {FailMode.CLOSED: pb.FAIL_MODE_CLOSED, FailMode.OPEN: pb.FAIL_MODE_OPEN}
+FAIL_MODES = {FailMode.CLOSED: pb.FAIL_MODE_CLOSED, FailMode.OPEN: pb.FAIL_MODE_OPEN}
+_CRITIC_KINDS = {CriticKind.LLM: pb.CRITIC_KIND_LLM, CriticKind.LOCAL: pb.CRITIC_KIND_LOCAL}
+_ROUTES = {
+    Route.ALLOW: pb.ROUTE_ALLOW,
+    Route.ESCALATE: pb.ROUTE_ESCALATE,
+    Route.BLOCK: pb.ROUTE_BLOCK,
+}
+_ORIGINS = {"config": apb.POLICY_ORIGIN_CONFIG, "admin": apb.POLICY_ORIGIN_ADMIN}
+# The audit log stores these names; the admin servicer writes only these.
+AUDIT_ACTIONS = {
+    "add_exemplars": apb.AUDIT_ACTION_ADD_EXEMPLARS,
+    "delete_exemplar": apb.AUDIT_ACTION_DELETE_EXEMPLAR,
+    "rollback_index": apb.AUDIT_ACTION_ROLLBACK_INDEX,
+    "accept_proposal": apb.AUDIT_ACTION_ACCEPT_PROPOSAL,
+    "reject_proposal": apb.AUDIT_ACTION_REJECT_PROPOSAL,
+    "update_policy": apb.AUDIT_ACTION_UPDATE_POLICY,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A Timestamp for `seconds` since the Unix epoch (as time.time() gives them)."""
+    value = Timestamp()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
 
 
 def verdict_to_proto(
@@ -94,7 +134,7 @@ def verdict_to_proto(
         verdict.critique = outcome.critique
         verdict.critic.CopyFrom(
             pb.CriticReport(
-                kind=outcome.critic.value,
+                critic_kind=_CRITIC_KINDS[outcome.critic],
                 model=outcome.model,
                 rounds=len(outcome.rounds),
                 calls=usage.calls,
@@ -149,9 +189,39 @@ def exemplar_to_proto(exemplar: Exemplar) -> apb.Exemplar:
         source=exemplar.source,
         added_by=exemplar.added_by,
         reason=exemplar.reason,
-        created_at=exemplar.created_at,
+        create_time=timestamp(exemplar.created_at) if exemplar.created_at else None,
         added_version=exemplar.added_version,
     )
+
+
+def audit_event_to_proto(event: AuditEvent) -> apb.AuditEvent:
+    """An audit log entry; an action this contract has no value for stays UNSPECIFIED."""
+    return apb.AuditEvent(
+        event_id=event.event_id,
+        event_time=timestamp(event.time),
+        actor=event.actor,
+        audit_action=AUDIT_ACTIONS.get(event.action, apb.AUDIT_ACTION_UNSPECIFIED),
+        target=event.target,
+        before=event.before,
+        after=event.after,
+    )
+
+
+def decision_counts_to_proto(decisions: Mapping[str, int]) -> list[apb.DecisionCount]:
+    """Traffic counters keyed "tier/decision" (TrafficStats) as typed counts, in enum order."""
+    counts = []
+    for key, count in decisions.items():
+        tier, _, decision = key.partition("/")
+        counts.append(apb.DecisionCount(
+            tier=TIERS[Tier(tier)], decision=DECISIONS[Decision(decision)], count=count
+        ))  # fmt: skip
+    return sorted(counts, key=lambda c: (c.tier, c.decision))
+
+
+def route_counts_to_proto(routes: Mapping[str, int]) -> list[apb.RouteCount]:
+    """Counts keyed by route name ("allow", "escalate", "block"), in enum order."""
+    counts = [apb.RouteCount(route=_ROUTES[Route(name)], count=n) for name, n in routes.items()]
+    return sorted(counts, key=lambda c: c.route)
 
 
 def policy_to_proto(policy: Policy, *, origin: str) -> apb.Policy:
@@ -163,13 +233,13 @@ def policy_to_proto(policy: Policy, *, origin: str) -> apb.Policy:
         k=policy.k,
         constitution=policy.constitution,
         critic_mode=CRITIC_MODES[policy.critic_mode],
-        fail_mode=_FAIL_MODES[policy.fail_mode],
+        fail_mode=FAIL_MODES[policy.fail_mode],
         max_rounds=policy.max_rounds,
         critic_budget_ms=policy.critic_budget_ms,
         record_texts=policy.record_texts,
         expose_evidence=policy.expose_evidence,
         escalation_budget=policy.escalation_budget,
-        origin=origin,
+        policy_origin=_ORIGINS[origin],
     )
 
 
@@ -181,6 +251,8 @@ _MASKABLE = {
 
 def policy_from_proto(message: apb.Policy, mask: Sequence[str]) -> dict[str, Any]:
     """The masked fields of `message` as plain values for `PolicyRegistry.update`.
+
+    `mask` is the paths of the request's FieldMask.
 
     Raises:
         ValueError: a mask entry is not an updatable field, or an enum is unspecified.
@@ -196,9 +268,9 @@ def policy_from_proto(message: apb.Policy, mask: Sequence[str]) -> dict[str, Any
                 raise ValueError("critic_mode: must be SYNC, SHADOW or OFF")
             value = modes[value]
         elif name == "fail_mode":
-            modes = {v: k.value for k, v in _FAIL_MODES.items()}
-            if value not in modes:
+            fail_modes = {v: k.value for k, v in FAIL_MODES.items()}
+            if value not in fail_modes:
                 raise ValueError("fail_mode: must be CLOSED or OPEN")
-            value = modes[value]
+            value = fail_modes[value]
         changes[name] = value
     return changes

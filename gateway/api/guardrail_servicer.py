@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
-
 from critic.types import Deadline
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.api.convert import verdict_to_proto
-from gateway.api.interceptors import PRINCIPAL, REQUEST_ID
+from gateway.api.interceptors import PRINCIPAL, REQUEST_ID, ServicerContext
+from gateway.api.validation import refused_as_invalid, validated_text
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
 from gateway.runtime.decision_log import LoggedDecision
-from gateway.runtime.errors import DeadlineTooShort, InvalidArgument
+from gateway.runtime.errors import DeadlineTooShort
 from gateway.runtime.pipeline import CheckResult, check_prompt, check_response, generate
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
@@ -35,45 +34,48 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self._gateway = gateway
 
     async def CheckPrompt(
-        self, request: pb.CheckPromptRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CheckPromptRequest, context: ServicerContext
     ) -> pb.CheckPromptResponse:
         start = time.perf_counter()
-        text = self._validated("text", request.text)
+        text = self._text("text", request.text)
         policy = self._policy(request.policy, context)
         deadline = self._deadline(policy, context)
-        result = await check_prompt(
-            self._gateway, text, policy, request_id=REQUEST_ID.get(), deadline=deadline
-        )
+        with refused_as_invalid("text"):
+            result = await check_prompt(
+                self._gateway, text, policy, request_id=REQUEST_ID.get(), deadline=deadline
+            )
         verdict = self._verdict("check_prompt", result, start)
         self._record("check_prompt", result, text)
         return pb.CheckPromptResponse(verdict=verdict)
 
     async def CheckResponse(
-        self, request: pb.CheckResponseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CheckResponseRequest, context: ServicerContext
     ) -> pb.CheckResponseResponse:
         start = time.perf_counter()
-        prompt = self._validated("prompt", request.prompt)
-        response = self._validated("response", request.response)
+        prompt = self._text("prompt", request.prompt)
+        response = self._text("response", request.response)
         policy = self._policy(request.policy, context)
         deadline = self._deadline(policy, context)
-        result = await check_response(
-            self._gateway, prompt, response, policy, request_id=REQUEST_ID.get(),
-            deadline=deadline,
-        )  # fmt: skip
+        with refused_as_invalid("prompt"):  # the router reads the prompt only
+            result = await check_response(
+                self._gateway, prompt, response, policy, request_id=REQUEST_ID.get(),
+                deadline=deadline,
+            )  # fmt: skip
         verdict = self._verdict("check_response", result, start)
         self._record("check_response", result, prompt)
         return pb.CheckResponseResponse(verdict=verdict, final_text=result.final_text)
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: ServicerContext
     ) -> pb.GenerateResponse:
         start = time.perf_counter()
-        prompt = self._validated("prompt", request.prompt)
+        prompt = self._text("prompt", request.prompt)
         policy = self._policy(request.policy, context)
         deadline = self._deadline(policy, context)
-        result = await generate(
-            self._gateway, prompt, policy, request_id=REQUEST_ID.get(), deadline=deadline
-        )
+        with refused_as_invalid("prompt"):
+            result = await generate(
+                self._gateway, prompt, policy, request_id=REQUEST_ID.get(), deadline=deadline
+            )
         reply = pb.GenerateResponse(
             prompt_verdict=self._verdict("generate.prompt", result.prompt, start),
             final_text=result.final_text,
@@ -101,25 +103,16 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             )
         )  # fmt: skip
 
-    def _validated(self, field: str, text: str) -> str:
-        if not text.strip():
-            raise InvalidArgument(field, "must contain at least one non-whitespace character")
-        limit = self._gateway.config.server.max_text_chars
-        if len(text) > limit:
-            raise InvalidArgument(
-                field,
-                f"is {len(text)} characters long; the limit is {limit}: send a shorter text "
-                "or split it into parts",
-            )
-        return text
+    def _text(self, field: str, text: str) -> str:
+        return validated_text(field, text, max_chars=self._gateway.config.server.max_text_chars)
 
-    def _policy(self, requested: str, context: grpc.aio.ServicerContext) -> Policy:
+    def _policy(self, requested: str, context: ServicerContext) -> Policy:
         return self._gateway.resolve_policy(
             requested, _metadata(context, POLICY_METADATA_KEY), principal=PRINCIPAL.get()
         )
 
     @staticmethod
-    def _deadline(policy: Policy, context: grpc.aio.ServicerContext) -> Deadline:
+    def _deadline(policy: Policy, context: ServicerContext) -> Deadline:
         """The critic tier's deadline: the policy's budget, cut short by the caller's deadline."""
         budget = policy.critic_budget_ms / 1000.0
         remaining = context.time_remaining()
@@ -148,7 +141,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         return verdict
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+def _metadata(context: ServicerContext, key: str) -> str:
     for entry_key, value in context.invocation_metadata() or ():
         if entry_key == key:
             return str(value)

@@ -13,7 +13,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,7 +29,7 @@ from gateway.runtime.errors import (
     Unauthenticated,
 )
 
-__all__ = ["PRINCIPAL", "REQUEST_ID", "GatewayInterceptor"]
+__all__ = ["PRINCIPAL", "REQUEST_ID", "GatewayInterceptor", "ServicerContext"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,15 @@ PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "principal", default=ANONYMOUS
 )
 
+# The servicers' context: any request and response type.
+ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+Behavior: TypeAlias = Callable[[Any, ServicerContext], Awaitable[Any]]
+
 _UNDECODABLE = object()
 
 
-class GatewayInterceptor(grpc.aio.ServerInterceptor):
+class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps the unary handlers of the check and admin services.
 
     Args:
@@ -52,6 +57,14 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         require_api_key: Returns whether check calls need a credential.
         max_concurrent: Check calls in flight beyond which new ones are refused
             with RESOURCE_EXHAUSTED.
+        max_per_caller: Check calls one caller may have in flight (0: no such
+            cap). A caller is its credential's principal, or its peer address
+            when anonymous. Beyond it the caller's new checks are refused with
+            RESOURCE_EXHAUSTED (ErrorInfo metadata scope=caller; the server-wide
+            refusal says scope=server), so one client cannot take every slot
+            of `max_concurrent` and shut the others out. Behind a proxy every
+            anonymous caller has the proxy's address and shares one cap: give
+            clients API keys there, or leave the cap off.
     """
 
     def __init__(
@@ -62,19 +75,22 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         credentials: Callable[[], Credentials],
         require_api_key: Callable[[], bool],
         max_concurrent: int,
+        max_per_caller: int = 0,
     ) -> None:
         self._check = check_services
         self._admin = admin_services
         self._credentials = credentials
         self._require_api_key = require_api_key
         self._max_concurrent = max_concurrent
+        self._max_per_caller = max_per_caller
         self._in_flight = 0
+        self._in_flight_by_caller: dict[str, int] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else ""
@@ -85,7 +101,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         ):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler.unary_unary, admin=service in self._admin),
+            self._wrap(cast(Behavior, handler.unary_unary), admin=service in self._admin),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -107,10 +123,8 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             )
         return principal
 
-    def _wrap(
-        self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], *, admin: bool
-    ):
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _wrap(self, behavior: Behavior, *, admin: bool) -> Behavior:
+        async def wrapper(request: Any, context: ServicerContext) -> Any:
             metadata = {
                 k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
             }
@@ -118,8 +132,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             token = REQUEST_ID.set(request_id)
             counted = not admin
             self._in_flight += counted
+            caller: str | None = None
             try:
-                principal_token = PRINCIPAL.set(self._authorize(metadata, admin=admin))
+                principal = self._authorize(metadata, admin=admin)
+                principal_token = PRINCIPAL.set(principal)
                 try:
                     if request is _UNDECODABLE:
                         raise InvalidArgument(
@@ -128,13 +144,16 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
                         )
                     if counted and self._in_flight > self._max_concurrent:
                         raise Overloaded(
-                            f"more than {self._max_concurrent} checks in flight; retry with backoff"
+                            f"more than {self._max_concurrent} checks in flight; retry with backoff",
+                            scope="server",
                         )
+                    if counted and self._max_per_caller > 0:
+                        caller = self._admit_caller(principal, context)
                     return await behavior(request, context)
                 finally:
                     PRINCIPAL.reset(principal_token)
             except GatewayError as exc:
-                await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+                await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(exc)))
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:
@@ -145,9 +164,44 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
                 )
             finally:
                 self._in_flight -= counted
+                if caller is not None:
+                    self._release_caller(caller)
                 REQUEST_ID.reset(token)
 
         return wrapper
+
+    def _admit_caller(self, principal: Principal, context: ServicerContext) -> str:
+        """Count one more check in flight for the caller, or refuse it if it has its share.
+
+        Raises:
+            Overloaded: the caller already has `max_per_caller` checks in flight.
+        """
+        caller = _caller_key(principal, context)
+        held = self._in_flight_by_caller.get(caller, 0)
+        if held >= self._max_per_caller:
+            raise Overloaded(
+                f"this caller already has {held} checks in flight, its share of this gateway; "
+                "wait for answers before sending more, or retry with backoff",
+                scope="caller",
+            )
+        self._in_flight_by_caller[caller] = held + 1
+        return caller
+
+    def _release_caller(self, caller: str) -> None:
+        held = self._in_flight_by_caller.pop(caller, 1) - 1
+        if held > 0:
+            self._in_flight_by_caller[caller] = held
+
+
+def _caller_key(principal: Principal, context: ServicerContext) -> str:
+    """Who shares a per-caller cap: one credential, else one peer address (any port)."""
+    if principal.role is not Role.ANONYMOUS:
+        return f"{principal.role.value}:{principal.name}"
+    peer = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rsplit(":", 1)[0]  # the port changes with every connection
+    return f"peer:{kind}:{address}"
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # what `health.aio` re-exports
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.guardrail.v1 import admin_pb2, admin_pb2_grpc
@@ -24,14 +25,24 @@ from gateway.api.admin_servicer import AdminServicer
 from gateway.api.guardrail_servicer import GuardrailServicer
 from gateway.api.interceptors import GatewayInterceptor
 from gateway.runtime.app import Gateway
-from gateway.runtime.config import ConfigError, ServerConfig, load_config
+from gateway.runtime.config import ConfigError, ServerConfig, check_reload, load_config
 
-__all__ = ["RunningServer", "reload_config", "serve", "start_server"]
+__all__ = ["RunningServer", "receive_limit_bytes", "reload_config", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 
 GUARDRAIL_SERVICE = pb.DESCRIPTOR.services_by_name["GuardrailService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+# gRPC's own default receive limit: the server never admits less.
+_GRPC_DEFAULT_RECEIVE_BYTES = 4 * 1024 * 1024
+# The most texts of `max_text_chars` one check request carries: CheckResponseRequest's
+# prompt and response (CheckPrompt and Generate carry one).
+_TEXTS_PER_CHECK = 2
+# UTF-8 spends at most 4 bytes on a character (emoji, most of CJK Extension B).
+_MAX_UTF8_BYTES_PER_CHAR = 4
+# Field tags and lengths, the policy name, and room to spare.
+_FRAMING_BYTES = 64 * 1024
 
 
 @dataclass
@@ -40,7 +51,7 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     gateway: Gateway
 
     async def stop(self, grace_seconds: float | None = None) -> None:
@@ -51,11 +62,49 @@ class RunningServer:
         await self.gateway.aclose()
 
 
+def receive_limit_bytes(max_text_chars: int) -> int:
+    """The largest request message the server reads, for texts of `max_text_chars`.
+
+    Every valid check request fits: two texts (CheckResponse's prompt and
+    response) of `max_text_chars` characters at 4 bytes each, plus framing. It
+    is never below gRPC's default of 4 MiB, so that a text that is merely too
+    long (up to about 4 MB; 1,000,000 characters of ASCII, say) reaches the
+    servicer and is answered INVALID_ARGUMENT naming the field and the
+    character limit, rather than RESOURCE_EXHAUSTED from gRPC about bytes.
+    Only a message above this limit gets gRPC's RESOURCE_EXHAUSTED ("Received
+    message larger than max (N vs. LIMIT)").
+
+    Admin requests share the limit (gRPC has one per server): AddExemplars
+    carries up to 1,000 texts, which at the character limit and 4 bytes a
+    character would be 80 MB at the default 20,000, too much to buffer for
+    every caller, so a batch must fit the limit too: a client splits a batch
+    of long texts into smaller calls (at 20,000 characters of 4-byte text, 52
+    fit in 4 MiB; typical exemplars are a few hundred bytes).
+    """
+    per_check = _TEXTS_PER_CHECK * _MAX_UTF8_BYTES_PER_CHAR * max_text_chars + _FRAMING_BYTES
+    return max(_GRPC_DEFAULT_RECEIVE_BYTES, per_check)
+
+
 async def start_server(
-    gateway: Gateway, *, host: str | None = None, port: int | None = None
+    gateway: Gateway,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_checks_per_caller: int | None = None,
 ) -> RunningServer:
-    """Start serving `gateway`; port 0 picks a free port (see `RunningServer.port`)."""
+    """Start serving `gateway`; port 0 picks a free port (see `RunningServer.port`).
+
+    Requests up to `receive_limit_bytes(server.max_text_chars)` are read (set
+    at start: a reload that raises `max_text_chars` past it needs a restart).
+    `max_checks_per_caller` (default `server.max_checks_per_caller`) > 0 caps
+    the checks one caller (an API key, else a peer address) has in flight, so
+    that one client cannot take every slot of `server.max_concurrent_checks`;
+    0 leaves only the server-wide cap. (Behind a proxy, anonymous callers share
+    the proxy's address, hence one cap.) Both are read at start.
+    """
     config = gateway.config.server
+    if max_checks_per_caller is None:
+        max_checks_per_caller = config.max_checks_per_caller
     server = grpc.aio.server(
         interceptors=[
             GatewayInterceptor(
@@ -64,13 +113,14 @@ async def start_server(
                 credentials=lambda: gateway.credentials,
                 require_api_key=lambda: gateway.config.server.require_api_key,
                 max_concurrent=config.max_concurrent_checks,
+                max_per_caller=max_checks_per_caller,
             )
         ],
-        options=[("grpc.max_receive_message_length", 4 * config.max_text_chars + 65536)],
+        options=[("grpc.max_receive_message_length", receive_limit_bytes(config.max_text_chars))],
     )
     pb_grpc.add_GuardrailServiceServicer_to_server(GuardrailServicer(gateway), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gateway), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [GUARDRAIL_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -109,16 +159,28 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def reload_config(gateway: Gateway) -> bool:
-    """Re-read the config file the gateway started from; keep the old one if it is bad."""
+    """Re-read the config file the gateway started from; keep the old one if it is bad.
+
+    Called from the SIGHUP handler, so it never raises: a file that is broken,
+    empty or unreadable, or that would turn API keys off or remove every
+    tenant or admin token (`check_reload`), is rejected with one log line
+    naming the file and why, and the running config stays in force.
+    """
     source = gateway.config.source
     if source is None:
         log.warning("SIGHUP: the gateway was started without a config file; nothing to reload")
         return False
     try:
         config = load_config(source, overrides={"data_dir": str(gateway.config.data_dir)})
+        check_reload(gateway.config, config)
         gateway.reload(config)
     except ConfigError as exc:
         log.error("SIGHUP: config %s rejected, the old config stays in force: %s", source, exc)
+        return False
+    except Exception:  # a bug: keep serving on the old config, with the traceback in the log
+        log.exception(
+            "SIGHUP: config %s could not be applied, the old config stays in force", source
+        )
         return False
     log.info(
         "SIGHUP: config %s reloaded; policies %s",

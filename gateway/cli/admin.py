@@ -27,26 +27,59 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
+from gateway.api.convert import CRITIC_MODES as _MODES
+from gateway.api.convert import FAIL_MODES as _FAIL
+from gateway.api.convert import LABELS as _LABELS
 
-__all__ = ["add_admin_commands", "admin_stub"]
-
-_LABELS = {"risky": pb.LABEL_RISKY, "benign": pb.LABEL_BENIGN}
-_MODES = {"sync": pb.CRITIC_MODE_SYNC, "shadow": pb.CRITIC_MODE_SHADOW, "off": pb.CRITIC_MODE_OFF}
-_FAIL = {"closed": pb.FAIL_MODE_CLOSED, "open": pb.FAIL_MODE_OPEN}
+__all__ = ["add_admin_commands", "admin_stub", "bearer", "open_channel", "tls_flags"]
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="localhost:50051", help="HOST:PORT of the gateway")
     parser.add_argument("--token", default=None, help="admin token (or TIERGUARD_ADMIN_TOKEN)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    tls_flags(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def tls_flags(parser: argparse.ArgumentParser) -> None:
+    """`--tls-ca`, `--tls-cert`, `--tls-key`: what `open_channel` reads, for every client command."""
     parser.add_argument("--tls-ca", type=Path, help="CA bundle to verify a TLS server")
     parser.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to `--address`: TLS when `--tls-ca` or `--tls-cert` is given, else plaintext.
+
+    Raises:
+        SystemExit: a certificate file cannot be read, or half a client pair is given.
+    """
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("tierguard: --tls-cert and --tls-key go together (mutual TLS)")
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.address)
+    pem: dict[str, bytes | None] = {}
+    for flag, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key)):
+        try:
+            pem[flag] = path.read_bytes() if path else None
+        except OSError as exc:
+            raise SystemExit(f"tierguard: --tls-{flag} {path}: {exc.strerror or exc}") from None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"]
+    )
+    return grpc.secure_channel(args.address, credentials)
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata presenting `secret` (an admin token or a tenant API key)."""
+    return (("authorization", f"Bearer {secret}"),)
 
 
 def add_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -122,8 +155,8 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: i
 
 
 def _leaf_parsers(
-    commands: argparse._SubParsersAction, names: tuple[str, ...]
-) -> Iterator[argparse.ArgumentParser]:  # type: ignore[type-arg]
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], names: tuple[str, ...]
+) -> Iterator[argparse.ArgumentParser]:
     for name in names:
         parser = commands.choices[name]
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -133,21 +166,14 @@ def _leaf_parsers(
             yield parser
 
 
-def admin_stub(args: argparse.Namespace) -> tuple[apb_grpc.AdminServiceStub, list[tuple[str, str]]]:
+def admin_stub(
+    args: argparse.Namespace,
+) -> tuple[apb_grpc.AdminServiceStub, tuple[tuple[str, str], ...]]:
     """A stub on `--address` and the metadata carrying the admin token."""
     token = args.token or os.environ.get("TIERGUARD_ADMIN_TOKEN", "")
     if not token:
         raise SystemExit("tierguard: an admin token is needed: --token or TIERGUARD_ADMIN_TOKEN")
-    if args.tls_ca or args.tls_cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
-            private_key=args.tls_key.read_bytes() if args.tls_key else None,
-            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
-        )
-        channel = grpc.secure_channel(args.address, credentials)
-    else:
-        channel = grpc.insecure_channel(args.address)
-    return apb_grpc.AdminServiceStub(channel), [("authorization", f"Bearer {token}")]
+    return apb_grpc.AdminServiceStub(open_channel(args)), bearer(token)
 
 
 def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
@@ -227,7 +253,7 @@ def _index_import(args: argparse.Namespace) -> int:
 
 def _index_list(args: argparse.Namespace) -> int:
     request = apb.ListExemplarsRequest(
-        page_size=min(args.limit, 1000), label=_LABELS.get(args.label or "", 0),
+        page_size=min(args.limit, 1000), label=_LABELS.get(args.label or "", pb.LABEL_UNSPECIFIED),
         category=args.category, source=args.source,
     )  # fmt: skip
     reply = _call(args, "ListExemplars", request)
@@ -275,7 +301,15 @@ def _index_rollback(args: argparse.Namespace) -> int:
 
 
 def _proposals_list(args: argparse.Namespace) -> int:
-    reply = _call(args, "ListProposals", apb.ListProposalsRequest())
+    """Every pending proposal: follows the pages to the end."""
+    reply = apb.ListProposalsResponse()
+    request = apb.ListProposalsRequest(page_size=1000)
+    while True:
+        page = _call(args, "ListProposals", request)
+        reply.proposals.extend(page.proposals)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
     lines = [f"{p.proposal_id}\t{pb.Label.Name(p.exemplar.label)}\t{p.exemplar.category}\t"
              f"{p.exemplar.source}\t{p.exemplar.text[:80]!r}" for p in reply.proposals]  # fmt: skip
     _print(args, reply, "\n".join(lines) or "(no pending proposals)")
@@ -283,8 +317,9 @@ def _proposals_list(args: argparse.Namespace) -> int:
 
 
 def _proposals_review(args: argparse.Namespace) -> int:
+    review = apb.PROPOSAL_REVIEW_ACCEPT if args.accept else apb.PROPOSAL_REVIEW_REJECT
     request = apb.ReviewProposalRequest(
-        proposal_id=args.proposal_id, accept=args.accept, reason=args.reason
+        proposal_id=args.proposal_id, review=review, reason=args.reason
     )
     reply = _call(args, "ReviewProposal", request)
     verb = f"accepted as {reply.exemplar_id}" if args.accept else "rejected"
@@ -294,7 +329,7 @@ def _proposals_review(args: argparse.Namespace) -> int:
 
 def _policy_text(policy: apb.Policy) -> str:
     return (
-        f"{policy.name} [{policy.origin}]: escalate_at={policy.escalate_at:g} block_at={policy.block_at:g} "
+        f"{policy.name} [{_enum_word(apb.PolicyOrigin, policy.policy_origin)}]: escalate_at={policy.escalate_at:g} block_at={policy.block_at:g} "
         f"constitution={policy.constitution} critic_mode={pb.CriticMode.Name(policy.critic_mode).split('_')[-1].lower()} "
         f"fail_mode={pb.FailMode.Name(policy.fail_mode).split('_')[-1].lower()} max_rounds={policy.max_rounds} "
         f"escalation_budget={policy.escalation_budget:g}"
@@ -325,7 +360,7 @@ def _policy_set(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"tierguard: {change!r}: expected KEY=VALUE")
         field = policy.DESCRIPTOR.fields_by_name.get(key)
-        if field is None or key in ("name", "origin"):
+        if field is None or key in ("name", "policy_origin"):
             raise SystemExit(f"tierguard: {key!r} is not a policy setting")
         try:
             if key == "critic_mode":
@@ -344,7 +379,8 @@ def _policy_set(args: argparse.Namespace) -> int:
             raise SystemExit(f"tierguard: {key}: invalid value {value!r}") from None
         setattr(policy, key, parsed)
         mask.append(key)
-    reply = _call(args, "UpdatePolicy", apb.UpdatePolicyRequest(policy=policy, update_mask=mask))
+    request = apb.UpdatePolicyRequest(policy=policy, update_mask=FieldMask(paths=mask))
+    reply = _call(args, "UpdatePolicy", request)
     _print(args, reply, _policy_text(reply.policy))
     return 0
 
@@ -355,10 +391,11 @@ def _audit(args: argparse.Namespace) -> int:
     )
     lines = []
     for event in reply.events:
-        from datetime import UTC, datetime
+        from datetime import UTC
 
-        when = datetime.fromtimestamp(event.time, UTC).isoformat(timespec="seconds")
-        lines.append(f"{when}  {event.actor}  {event.action}  {event.target}\n"
+        when = event.event_time.ToDatetime(UTC).isoformat(timespec="seconds")
+        action = _enum_word(apb.AuditAction, event.audit_action)
+        lines.append(f"{when}  {event.actor}  {action}  {event.target}\n"
                      f"    before: {event.before or '-'}\n    after:  {event.after or '-'}")  # fmt: skip
     _print(args, reply, "\n".join(lines) or "(no events)")
     return 0
@@ -376,13 +413,26 @@ def _stats(args: argparse.Namespace) -> int:
             else ""
         )
         lines.append(f"policy {t.policy}: {t.requests} requests, escalation {t.escalation_rate:.3f}{budget}, "
-                     f"fallbacks {t.fallbacks}, {dict(t.decisions)}")  # fmt: skip
+                     f"fallbacks {t.fallbacks}, {_decision_counts(t.decision_counts)}")  # fmt: skip
     u = reply.critic_usage
     lines.append(
         f"critic: {u.calls} calls, {u.prompt_tokens}+{u.completion_tokens} tokens, ${u.cost_usd:.4f}"
     )
     _print(args, reply, "\n".join(lines))
     return 0
+
+
+def _enum_word(enum: EnumTypeWrapper, value: int) -> str:
+    """`POLICY_ORIGIN_ADMIN` -> "admin": the value's name without the enum's prefix."""
+    prefix = str(enum.Name(0)).removesuffix("UNSPECIFIED")
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def _decision_counts(counts: Any) -> str:
+    return ", ".join(
+        f"{_enum_word(pb.Tier, c.tier)}/{_enum_word(pb.Decision, c.decision)}: {c.count}"
+        for c in counts
+    )
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -398,8 +448,10 @@ def _replay(args: argparse.Namespace) -> int:
     routes = ("allow", "escalate", "block")
     lines = [f"replayed {reply.replayed} decisions of policy {args.policy} at escalate_at="
              f"{reply.thresholds.escalate_at:g}, block_at={reply.thresholds.block_at:g}"]  # fmt: skip
+    before_counts = {_enum_word(pb.Route, c.route): c.count for c in reply.routes_before}
+    after_counts = {_enum_word(pb.Route, c.route): c.count for c in reply.routes_after}
     for route in routes:
-        before, after = reply.before.get(route, 0), reply.after.get(route, 0)
+        before, after = before_counts.get(route, 0), after_counts.get(route, 0)
         lines.append(f"  {route:<8} {before:>8} -> {after:>8}  ({after - before:+d})")
     lines.append(f"  changed: {reply.changed}; critic calls per 1,000 requests: "
                  f"{reply.critic_calls_per_1k_before:.1f} -> {reply.critic_calls_per_1k_after:.1f}")  # fmt: skip

@@ -2,19 +2,31 @@
 
 tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR]
 tierguard check TEXT [--address HOST:PORT] [--policy P] [--json]
+                [--api-key KEY] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
 tierguard eval --data FILE.jsonl [--data ...] [--json] [--policy P]
+
+An error the user can fix (a bad flag, configuration or data file, an unknown
+policy, a server that is unreachable or says no) is one line on standard
+error, `tierguard: ...`, and exit status 2; never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from critic.records import CriticRecords
+    from gateway.runtime.config import Config, Policy
 
 __all__ = ["main"]
 
@@ -27,13 +39,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.log_level != "debug":  # "Loading faiss with AVX2 support." on every command
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        # the commands' expected errors, worded for the user: one line, status 2 (as argparse)
+        print(" ".join(exc.code.split()), file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gateway.cli.admin import add_admin_commands, tls_flags
+
     parser = argparse.ArgumentParser(prog="tierguard", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -52,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--policy", default="", help="policy name (default: the server's)")
     check.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     check.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    check.add_argument("--api-key", default=None,
+                       help="API key, for a gateway that requires one (or TIERGUARD_API_KEY)")  # fmt: skip
+    tls_flags(check)
     check.set_defaults(func=_check)
 
     evaluate = commands.add_parser("eval", help="measure routing on labelled JSONL, in process")
@@ -106,12 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--address", default="localhost:50051")
     calibrate.add_argument("--token", default=None, help="admin token (or TIERGUARD_ADMIN_TOKEN)")
     calibrate.add_argument("--timeout", type=float, default=30.0)
-    calibrate.add_argument("--tls-ca", type=Path)
-    calibrate.add_argument("--tls-cert", type=Path)
-    calibrate.add_argument("--tls-key", type=Path)
+    tls_flags(calibrate)
     calibrate.set_defaults(func=_calibrate, json=False)
-
-    from gateway.cli.admin import add_admin_commands
 
     add_admin_commands(commands)
     return parser
@@ -122,7 +143,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where the exemplar store lives")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Config:
     from gateway.runtime.config import ConfigError, load_config
 
     overrides = {"data_dir": args.data_dir}
@@ -137,11 +158,38 @@ def _load(args: argparse.Namespace):
 def _serve(args: argparse.Namespace) -> int:
     from gateway.api.server import serve
     from gateway.runtime.app import Gateway
+    from gateway.runtime.config import ConfigError
 
     config = _load(args)
-    gateway = Gateway.create(config)
-    asyncio.run(serve(gateway))
+    try:
+        gateway = Gateway.create(config)
+        asyncio.run(serve(gateway))
+    except ConfigError as exc:  # found while starting: a constitution, a TLS file
+        where = f"config file {config.source}: " if config.source else ""
+        raise SystemExit(f"tierguard: bad configuration: {where}{exc}") from None
     return 0
+
+
+def _policy_named(config: Config, name: str) -> Policy:
+    """The policy `name` (or the default) of `config`, checked before any slow work."""
+    policy = config.policy(name or config.default_policy)
+    if policy is None:
+        raise SystemExit(
+            f"tierguard: unknown policy {name!r}; the config defines {sorted(config.policies)}"
+        )
+    return policy
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors of the user's files as one line: an unreadable file, a bad row (ValueError)."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise SystemExit(f"tierguard: {where}{exc.strerror or exc}") from None
+    except ValueError as exc:  # read_labelled and the offline router name the file and line
+        raise SystemExit(f"tierguard: {exc}") from None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -150,16 +198,19 @@ def _check(args: argparse.Namespace) -> int:
 
     from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
     from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
+    from gateway.cli.admin import bearer, open_channel
 
-    with grpc.insecure_channel(args.address) as channel:
+    key = args.api_key or os.environ.get("TIERGUARD_API_KEY", "")
+    with open_channel(args) as channel:
         stub = pb_grpc.GuardrailServiceStub(channel)
         try:
             response = stub.CheckPrompt(
-                pb.CheckPromptRequest(text=args.text, policy=args.policy), timeout=args.timeout
+                pb.CheckPromptRequest(text=args.text, policy=args.policy),
+                timeout=args.timeout,
+                metadata=bearer(key) if key else None,
             )
         except grpc.RpcError as exc:
-            print(f"tierguard: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+            raise SystemExit(f"tierguard: {exc.code().name}: {exc.details()}") from None
     verdict = response.verdict
     if args.json:
         print(json_format.MessageToJson(verdict, preserving_proto_field_name=True))
@@ -185,17 +236,17 @@ def _eval(args: argparse.Namespace) -> int:
     from router.cross_source import format_cross_source
 
     config = _load(args)
+    _policy_named(config, args.policy)
     if args.cross_source:
-        try:
+        with _user_errors():
             result = evaluate_cross_source(
                 config, args.data, policy_name=args.policy, cache_path=args.cache,
                 target=args.target_escalation,
             )  # fmt: skip
-        except ValueError as exc:
-            raise SystemExit(f"tierguard: {exc}") from None
         print(json.dumps(result.as_dict(), indent=1) if args.json else format_cross_source(result))
         return 0
-    reports = evaluate_files(config, args.data, policy_name=args.policy)
+    with _user_errors():
+        reports = evaluate_files(config, args.data, policy_name=args.policy)
     if args.json:
         print(json.dumps({k: [r.as_dict() for r in v] for k, v in reports.items()}, indent=1))
     else:
@@ -203,7 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _records(args: argparse.Namespace):
+def _records(args: argparse.Namespace) -> CriticRecords:
     from critic.records import CriticRecords
 
     path = _load(args).data_dir / "critic.sqlite3"
@@ -233,12 +284,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     from router.evaluation import read_labelled
 
     config = _load(args)
-    rows = [row for path in args.data for row in read_labelled(path)]
-    offline = OfflineRouter.create(config)
-    try:
-        policy = offline.policy(args.policy)
-    except ValueError as exc:
-        raise SystemExit(f"tierguard: {exc}") from None
+    if args.plot:  # before the slow part, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "tierguard: --plot needs matplotlib: pip install 'tierguard[plot]'"
+            ) from None
+    policy = _policy_named(config, args.policy)
+    with _user_errors():
+        rows = [row for path in args.data for row in read_labelled(path)]
+        offline = OfflineRouter.create(config)
     results = offline.route_rows(rows, policy_name=policy.name)
     scores = [r.risk_score for r in results]
     tier0 = [r.decided_by is Tier.PREFILTER for r in results]
@@ -255,18 +311,27 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"policy snippet (config file):\n  policies:\n    {policy.name}:\n"
           f"      escalate_at: {t.escalate_at:.4f}\n      block_at: {t.block_at:.4f}")  # fmt: skip
     if args.plot:
-        plot_calibration(rows, scores, result, args.plot)
+        try:
+            plot_calibration(rows, scores, result, args.plot)
+        except (RuntimeError, OSError) as exc:  # no matplotlib; the PNG cannot be written
+            raise SystemExit(f"tierguard: --plot {args.plot}: {exc}") from None
         print(f"\nwrote {args.plot}")
     if args.apply:
+        import grpc
+        from google.protobuf.field_mask_pb2 import FieldMask
+
         from gateway._proto.guardrail.v1 import admin_pb2 as apb
         from gateway.cli.admin import admin_stub
 
         stub, metadata = admin_stub(args)
         request = apb.UpdatePolicyRequest(
             policy=apb.Policy(name=policy.name, escalate_at=t.escalate_at, block_at=t.block_at),
-            update_mask=["escalate_at", "block_at"],
+            update_mask=FieldMask(paths=["escalate_at", "block_at"]),
         )
-        reply = stub.UpdatePolicy(request, metadata=metadata, timeout=args.timeout)
+        try:
+            reply = stub.UpdatePolicy(request, metadata=metadata, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise SystemExit(f"tierguard: --apply: {exc.code().name}: {exc.details()}") from None
         print(f"applied to policy {reply.policy.name} on {args.address}")
     return 0
 

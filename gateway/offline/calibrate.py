@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from router.decision import Route, Thresholds
+from embeddings_index.vocabulary import Label, Route
+from router.decision import Thresholds, lowest_threshold_at_rate, route_for
 from router.evaluation import GroupReport, LabelledText, report_groups
 
 __all__ = ["Calibration", "calibrate", "plot_calibration", "routes_at"]
@@ -37,15 +38,10 @@ class Calibration:
 
 def routes_at(scores: np.ndarray, tier0_blocks: np.ndarray, thresholds: Thresholds) -> list[Route]:
     """The route of every scored text under `thresholds` (tier-0 blocks stay blocks)."""
-    routes = []
-    for score, blocked in zip(scores, tier0_blocks, strict=True):
-        if blocked or score >= thresholds.block_at:
-            routes.append(Route.BLOCK)
-        elif score >= thresholds.escalate_at:
-            routes.append(Route.ESCALATE)
-        else:
-            routes.append(Route.ALLOW)
-    return routes
+    return [
+        Route.BLOCK if blocked else route_for(float(score), (), thresholds)[0]
+        for score, blocked in zip(scores, tier0_blocks, strict=True)
+    ]
 
 
 def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
@@ -53,15 +49,6 @@ def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
     ordered = np.sort(risky_scores)[::-1]
     needed = max(1, math.ceil(recall * len(ordered)))
     return float(ordered[min(needed, len(ordered)) - 1])
-
-
-def _threshold_for_rate(scores: np.ndarray, rate: float) -> float:
-    """The lowest threshold at which at most `rate` of `scores` reach it."""
-    ordered = np.sort(scores)[::-1]
-    allowed = math.floor(rate * len(ordered))
-    if allowed >= len(ordered):
-        return 0.0
-    return float(np.nextafter(ordered[allowed], 1.0))  # just above the first score not allowed
 
 
 def calibrate(
@@ -82,8 +69,8 @@ def calibrate(
         raise ValueError("give exactly one of target_recall and max_escalation")
     s = np.asarray(scores, dtype=np.float64)
     blocked0 = np.asarray(tier0_blocks, dtype=bool)
-    risky = np.array([r.label == "risky" for r in rows])
-    ordinary = np.array([r.label == "benign" and r.category != "benign_hard" for r in rows])
+    risky = np.array([r.label == Label.RISKY for r in rows])
+    ordinary = np.array([r.label == Label.BENIGN and r.category != "benign_hard" for r in rows])
     benign = ~risky
     if target_recall is not None:
         if not risky.any():
@@ -93,10 +80,12 @@ def calibrate(
     else:
         if not ordinary.any():
             raise ValueError("an escalation budget needs ordinary benign rows")
-        escalate_at = _threshold_for_rate(s[ordinary], max_escalation or 0.0)
+        escalate_at = lowest_threshold_at_rate(s[ordinary], max_escalation or 0.0)
         target = f"escalation of ordinary benign <= {max_escalation:g}"
     block_at = (
-        max(escalate_at, _threshold_for_rate(s[benign], max_block_benign)) if benign.any() else 1.0
+        max(escalate_at, lowest_threshold_at_rate(s[benign], max_block_benign))
+        if benign.any()
+        else 1.0
     )
     thresholds = Thresholds(min(escalate_at, 1.0), min(block_at, 1.0))
     routes = routes_at(s, blocked0, thresholds)
@@ -124,8 +113,8 @@ def plot_calibration(
         raise RuntimeError("plots need matplotlib: pip install 'tierguard[plot]'") from exc
     s = np.asarray(scores, dtype=np.float64)
     groups = {
-        "risky": np.array([r.label == "risky" for r in rows]),
-        "benign": np.array([r.label == "benign" and r.category != "benign_hard" for r in rows]),
+        "risky": np.array([r.label == Label.RISKY for r in rows]),
+        "benign": np.array([r.label == Label.BENIGN and r.category != "benign_hard" for r in rows]),
         "hard benign": np.array([r.category == "benign_hard" for r in rows]),
     }
     colours = {"risky": "#c0392b", "benign": "#2e86c1", "hard benign": "#f39c12"}

@@ -8,12 +8,13 @@ admin API are stored here and win over the config file until reset.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from embeddings_index.sqlite_db import open_sqlite
 
 __all__ = ["AdminState", "AuditEvent"]
 
@@ -62,10 +63,7 @@ class AdminState:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_sqlite(self.path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -77,7 +75,10 @@ class AdminState:
         self, actor: str, action: str, target: str, before: Any = None, after: Any = None
     ) -> None:
         """Append an event; `before` and `after` are stored as JSON."""
-        dump = lambda value: "" if value is None else json.dumps(value, sort_keys=True, default=str)  # noqa: E731
+
+        def dump(value: object) -> str:
+            return "" if value is None else json.dumps(value, sort_keys=True, default=str)
+
         with self._lock:
             self._conn.execute(
                 "INSERT INTO audit (time, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",

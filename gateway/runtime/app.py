@@ -11,9 +11,11 @@ servicers adapt it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ from gateway.runtime.embedding import make_embedder
 from gateway.runtime.errors import PermissionDenied, PolicyNotFound
 from gateway.runtime.policies import PolicyRegistry
 from gateway.runtime.stats import TrafficStats
-from router.normalize import normalize, normalized_text
+from router.normalize import NormalizationLimits, TextRejected, normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
 from router.router import Router, RouteResult
 from router.scoring import DEFAULT_MODEL_PATH, ScoringModel
@@ -66,6 +68,7 @@ class Gateway:
     stats: TrafficStats = field(default_factory=TrafficStats)
     route_cache: LRUCache[tuple[Any, ...], RouteResult] = field(default_factory=lambda: LRUCache(0))
     generator: Generator | None = None
+    tier0_executor: ThreadPoolExecutor | None = None
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -91,23 +94,30 @@ class Gateway:
             raise
         if embedder is None:
             embedder = make_embedder(config)
+        # Normalisation is bounded by the raw text limit the server was started with.
+        limits = NormalizationLimits.for_raw_limit(config.server.max_text_chars)
         index = IndexManager.open(
             config.data_dir,
             embedder,
-            prepare=normalized_text,
+            prepare=functools.partial(normalized_text, limits=limits),
             index_options=config.index,
             snapshot_dir=config.data_dir / "index",
         )
         prefilter = Prefilter.from_directory()
+        tier0 = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tier0")
         router = Router(
             prefilter=prefilter,
             scoring=ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH),
             index=lambda: index.index,
+            executor=tier0,
+            limits=limits,
         )
         batcher = MicroBatcher(
             embedder,
             BatchingConfig(
                 max_batch=config.embedding.max_batch,
+                max_batch_chars=config.embedding.max_batch_chars,
+                max_skipped_calls=config.embedding.max_skipped_calls,
                 max_wait_ms=config.embedding.max_wait_ms,
                 cache_size=config.embedding.cache_size,
             ),
@@ -147,6 +157,7 @@ class Gateway:
             credentials=Credentials(config),
             decisions=DecisionLog(config.data_dir / "decisions.sqlite3"),
             generator=generator,
+            tier0_executor=tier0,
             route_cache=LRUCache(config.embedding.route_cache_size),
         )
 
@@ -186,7 +197,10 @@ class Gateway:
 
     def blocking_prefilter_rules(self, text: str) -> list[str]:
         """Ids of blocking prefilter rules that match `text` (re-checks critic revisions)."""
-        hits = self.prefilter.scan(normalize(text))
+        try:
+            hits = self.prefilter.scan(normalize(text, limits=self.router.limits))
+        except TextRejected:  # a revision that expands past the limits is not let out
+            return ["prefilter.normalization_refused"]
         return [f"prefilter.{h.rule_id}" for h in hits if h.action is RuleAction.BLOCK]
 
     def in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
@@ -205,6 +219,8 @@ class Gateway:
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout_s)
         await self.batcher.aclose()
+        if self.tier0_executor is not None:
+            self.tier0_executor.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.critic, LLMCritic):
             await self.critic.aclose()
         if self.generator is not None:

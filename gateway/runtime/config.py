@@ -6,7 +6,11 @@ Sources, later ones winning: the defaults below, a YAML file (`--config` or
 `TIERGUARD_DEFAULT_POLICY`, `TIERGUARD_CRITIC_MODEL`,
 `TIERGUARD_GENERATOR_MODEL`, `TIERGUARD_ADMIN_TOKENS`), then command-line flags. The LLM endpoints also
 honour the `openai` SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`. A bad
-value fails loudly and names its field. Nothing here is read at import time.
+value fails loudly, in one line naming its field and where it was set. A
+named file that is empty (or only comments) is an error, not the defaults. A
+reload (SIGHUP) also refuses a file that would turn `require_api_key` off or
+drop every tenant or every admin token (`check_reload`): that takes a restart.
+Nothing here is read at import time.
 
 Example file::
 
@@ -39,8 +43,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import math
 import os
-from collections.abc import Mapping
+import reprlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +54,8 @@ from typing import Any
 import yaml
 
 from critic.chat import LLMSettings
-from critic.loop import FailMode
 from embeddings_index.faiss_index import IndexOptions
+from embeddings_index.vocabulary import CriticMode, FailMode
 from router.decision import Thresholds
 
 __all__ = [
@@ -64,6 +70,7 @@ __all__ = [
     "Policy",
     "ServerConfig",
     "Tenant",
+    "check_reload",
     "load_config",
     "parse_policy",
 ]
@@ -75,14 +82,6 @@ DEFAULT_BLOCK_AT = 0.97
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field at fault."""
-
-
-class CriticMode(enum.Enum):
-    """How a policy runs the critic tier."""
-
-    SYNC = "sync"  # the caller waits for the critic
-    SHADOW = "shadow"  # the caller gets the fail mode at once; the critic runs and is recorded
-    OFF = "off"  # escalations are resolved by the fail mode
 
 
 @dataclass(frozen=True)
@@ -140,6 +139,9 @@ class ServerConfig:
         max_text_chars: Longest text a check accepts, in characters.
         max_concurrent_checks: Checks in flight beyond which new ones get
             RESOURCE_EXHAUSTED instead of queueing without bound.
+        max_checks_per_caller: Checks one caller (its API key, else its peer
+            address) may have in flight; beyond it that caller gets
+            RESOURCE_EXHAUSTED while others go on. 0: no per-caller cap.
         grace_seconds: How long a stopping server lets checks in flight finish.
         require_api_key: Whether check calls need a tenant API key (or an
             admin token) in `authorization: Bearer <key>`.
@@ -153,6 +155,7 @@ class ServerConfig:
     port: int = 50051
     max_text_chars: int = 20_000
     max_concurrent_checks: int = 512
+    max_checks_per_caller: int = 0
     grace_seconds: float = 5.0
     require_api_key: bool = False
     tls_cert_file: Path | None = None
@@ -190,6 +193,11 @@ class EmbeddingConfig:
         token_budget: ONNX backends: most word pieces (rows x padded length) per
             model call; a batch is cut into calls of similar-length texts under it.
         max_batch: Most texts encoded together.
+        max_batch_chars: Most characters in one call (a longer text goes alone);
+            waiting texts go shortest first, so a flood of long texts delays
+            a short prompt by one call at most.
+        max_skipped_calls: Calls a waiting text may be passed over by shorter
+            ones before it goes first (no text starves).
         max_wait_ms: Longest a request waits for company when the model is idle.
         cache_size: Vectors of recent texts kept in memory (0: none).
         route_cache_size: Router results of recent (text, policy, index version)
@@ -202,40 +210,29 @@ class EmbeddingConfig:
     threads: int = 0
     token_budget: int = 1024
     max_batch: int = 64
+    max_batch_chars: int = 8_192
+    max_skipped_calls: int = 4
     max_wait_ms: float = 0.0
     cache_size: int = 10_000
     route_cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
-class LLMConfig:
+class LLMConfig(LLMSettings):
     """An OpenAI-compatible model endpoint (the critic's, or the upstream generator's).
+
+    Every `critic.chat.LLMSettings` field is a setting of this section, by
+    inheritance: the critic package owns the list, so a field added there can
+    be set from the file without being written twice. Only what the critic
+    package has no use for is added here.
 
     Attributes:
         enabled: True or False forces it; None (default) turns it on when an
             endpoint or key is configured here or in OPENAI_BASE_URL / OPENAI_API_KEY.
-        model: Model name.
-        base_url: Endpoint (else OPENAI_BASE_URL, else api.openai.com).
-        api_key: Key (else OPENAI_API_KEY). Prefer the environment to files.
-        call_timeout_s: Longest single HTTP call.
-        max_retries: Retries after 429, 5xx, timeouts and dropped connections.
-        circuit_failures: Consecutive failures that open the circuit breaker.
-        circuit_reset_s: Seconds before an open circuit lets a trial call through.
-        price_prompt_per_1m_usd: Price per million prompt tokens (cost accounting).
-        price_completion_per_1m_usd: Price per million completion tokens.
         system_prompt: The generator's system prompt (ignored for the critic).
     """
 
     enabled: bool | None = None
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    api_key: str | None = None
-    call_timeout_s: float = 10.0
-    max_retries: int = 2
-    circuit_failures: int = 5
-    circuit_reset_s: float = 30.0
-    price_prompt_per_1m_usd: float = 0.15
-    price_completion_per_1m_usd: float = 0.60
     system_prompt: str = "You are a helpful assistant."
 
     def is_enabled(self, environ: Mapping[str, str]) -> bool:
@@ -248,20 +245,12 @@ class LLMConfig:
         )  # fmt: skip
 
     def settings(self, environ: Mapping[str, str]) -> LLMSettings:
-        """The critic package's settings for this endpoint."""
+        """The critic package's settings for this endpoint, the SDK's environment filled in."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LLMSettings)}
         api_key = self.api_key or environ.get("OPENAI_API_KEY") or None
         base_url = self.base_url or environ.get("OPENAI_BASE_URL") or None
-        return LLMSettings(
-            model=self.model,
-            base_url=base_url,
-            api_key=api_key or ("unused" if base_url else None),
-            call_timeout_s=self.call_timeout_s,
-            max_retries=self.max_retries,
-            circuit_failures=self.circuit_failures,
-            circuit_reset_s=self.circuit_reset_s,
-            price_prompt_per_1m_usd=self.price_prompt_per_1m_usd,
-            price_completion_per_1m_usd=self.price_completion_per_1m_usd,
-        )
+        values |= {"base_url": base_url, "api_key": api_key or ("unused" if base_url else None)}
+        return LLMSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -329,6 +318,13 @@ _ENV = {
     "TIERGUARD_GENERATOR_MODEL": ("generator", "model"),
 }
 
+# Whole numbers end up in C ints (gRPC options, ONNX Runtime, FAISS).
+_INT_MAX = 2**31 - 1
+# Tighter bounds, by a field's own name. A check request carries two texts of up to
+# 4 UTF-8 bytes a character, and gRPC refuses messages of 2 GiB and more.
+_INT_LIMITS = {"port": 65_535, "max_text_chars": 100_000_000}
+_INT_MINIMA = {"max_batch": 1, "max_batch_chars": 1}  # 0 would never encode anything
+
 
 def load_config(
     path: Path | None = None,
@@ -338,123 +334,275 @@ def load_config(
 ) -> Config:
     """Build a Config from defaults, a YAML file, the environment and overrides.
 
+    A file that is empty (or only whitespace and comments) is an error, not
+    "the defaults": whoever names a config file means it to be used, and on
+    SIGHUP such a file is a truncated or half-saved one.
+
     Args:
         path: YAML file; None falls back to `TIERGUARD_CONFIG`, then to no file.
         environ: The environment to read (default: os.environ).
         overrides: Dotted keys to values, e.g. {"server.port": 50052}, as the CLI sets them.
 
     Raises:
-        ConfigError: the file is missing or malformed, or a value is invalid.
+        ConfigError: the file is missing, unreadable, empty or malformed, or a
+            value is invalid. One line naming the field and where it was set
+            (the file, an environment variable or the command line).
     """
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # dotted field -> where it was set, if not in the file
     path = path or (Path(env["TIERGUARD_CONFIG"]) if env.get("TIERGUARD_CONFIG") else None)
     if path is not None:
         raw = _read_yaml(Path(path))
         raw["source"] = str(path)
-    for variable, keys in _ENV.items():
-        if env.get(variable):
-            _set_dotted(raw, keys, env[variable])
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, tuple(dotted.split(".")), value)
-    if env.get("TIERGUARD_ADMIN_TOKENS"):
-        tokens = [t.strip() for t in env["TIERGUARD_ADMIN_TOKENS"].split(",") if t.strip()]
-        raw.setdefault("admin", {}).setdefault("tokens", []).extend(tokens)
-    return _parse_config(raw)
+    try:
+        for variable, keys in _ENV.items():
+            if env.get(variable):
+                _node(raw, keys[:-1])[keys[-1]] = env[variable]
+                origins[".".join(keys)] = f"environment variable {variable}"
+        for dotted, value in (overrides or {}).items():
+            if value is not None:
+                keys = tuple(dotted.split("."))
+                _node(raw, keys[:-1])[keys[-1]] = value
+                origins[dotted] = "command line"
+        if env.get("TIERGUARD_ADMIN_TOKENS"):
+            _add_admin_tokens(raw, env["TIERGUARD_ADMIN_TOKENS"], origins)
+        return _parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(_blame(str(exc), origins, path)) from None
+
+
+def check_reload(running: Config, new: Config) -> None:
+    """Refuse a re-read config that would weaken or drop authentication unnoticed.
+
+    SIGHUP re-reads a file while people edit it: a half-saved file can parse
+    and still have lost its `server:` or `tenants:` block. Turning API keys
+    off, or removing every tenant or every admin token, is therefore not done
+    by a reload; restarting the gateway with the new file does it.
+
+    Raises:
+        ConfigError: `new` may not replace `running`; the message says why.
+    """
+    restart = "restart the gateway to do that"
+    if running.server.require_api_key and not new.server.require_api_key:
+        raise ConfigError(f"server.require_api_key: a reload cannot turn it off; {restart}")
+    if running.tenants and not new.tenants:
+        raise ConfigError(
+            f"tenants: the file names none, the running config {len(running.tenants)}; "
+            f"a reload cannot remove every tenant; {restart}"
+        )
+    if running.admin_tokens and not new.admin_tokens:
+        raise ConfigError(
+            f"admin.tokens: the file has none, the running config {len(running.admin_tokens)}; "
+            f"a reload cannot remove every admin token; {restart}"
+        )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping.
+
+    PyYAML keeps the last one silently: a second `server:` block would drop
+    the first one's `require_api_key` without a word.
+    """
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> Iterator[dict[Any, Any]]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found {key!r} twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            continue
+    yield from loader.construct_yaml_map(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; an unreadable, empty or non-mapping file is an error."""
+    where = f"config file {path}"
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    empty = ConfigError(
+        f"{where} has no settings (it is empty or only comments); "
+        "to run on the defaults, give no config file"
+    )
+    if not text.strip():
+        raise empty
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
     if doc is None:
-        return {}
+        raise empty
     if not isinstance(doc, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping")
+        raise ConfigError(f"{where}: the top level must be a mapping of settings, not {_kind(doc)}")
     return doc
 
 
-def _set_dotted(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        return f"{exc.problem}" + (
+            f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        )
+    return " ".join(str(exc).split())
+
+
+def _node(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The mapping at `keys` in `raw`, created where missing or left empty."""
     node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
+    for depth, key in enumerate(keys):
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            where = ".".join(keys[: depth + 1])
+            raise ConfigError(f"{where}: must be a mapping, not {_kind(node[key])}")
+        node = node[key]
+    return node
 
 
-def _parse_config(raw: Mapping[str, Any]) -> Config:
-    _reject_unknown(
-        "", raw, {f.name for f in dataclasses.fields(Config)} - {"admin_tokens"} | {"admin"}
-    )
-    policies_raw = raw.get("policies") or {"default": {}}
-    if not isinstance(policies_raw, Mapping) or not policies_raw:
-        raise ConfigError("policies: must be a mapping of policy names to settings")
+def _add_admin_tokens(raw: dict[str, Any], variable: str, origins: dict[str, str]) -> None:
+    """Append TIERGUARD_ADMIN_TOKENS (comma-separated) to the file's `admin.tokens`."""
+    admin = _node(raw, ("admin",))
+    if admin.get("tokens") is None:
+        admin["tokens"] = []
+    if isinstance(admin["tokens"], list):  # else the parser names admin.tokens
+        listed = admin["tokens"]
+        for token in (t.strip() for t in variable.split(",")):
+            if token:
+                origins[f"admin.tokens[{len(listed)}]"] = (
+                    "environment variable TIERGUARD_ADMIN_TOKENS"
+                )
+                listed.append(token)
+
+
+def _blame(message: str, origins: Mapping[str, str], path: Path | None) -> str:
+    """`message` prefixed with where its field was set: a variable, the command line, the file."""
+    field_name = message.split(":", 1)[0]
+    if field_name in origins:
+        return f"{origins[field_name]}: {message}"
+    return f"config file {path}: {message}" if path is not None else message
+
+
+def _parse_config(raw: Mapping[Any, Any]) -> Config:
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    _reject_unknown("", raw, set(top) - {"admin_tokens"} | {"admin"})
     policies = {
-        str(name): parse_policy(str(name), body or {}) for name, body in policies_raw.items()
-    }
+        name: parse_policy(name, {} if body is None else body)
+        for name, body in _named("policies", _mapping("policies", raw.get("policies")))
+    } or {"default": Policy()}
     return Config(
-        server=_parse_section("server", ServerConfig, raw.get("server") or {}),
-        embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding") or {}),
-        index=_parse_section("index", IndexOptions, raw.get("index") or {}),
-        critic=_parse_section("critic", LLMConfig, raw.get("critic") or {}),
+        server=_parse_section("server", ServerConfig, raw.get("server")),
+        embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding")),
+        index=_parse_section("index", IndexOptions, raw.get("index")),
+        critic=_parse_section("critic", LLMConfig, raw.get("critic")),
         generator=_parse_section(
-            "generator", LLMConfig, {"enabled": False, **(raw.get("generator") or {})}
+            "generator",
+            LLMConfig,
+            {"enabled": False, **_mapping("generator", raw.get("generator"))},
         ),
-        data_dir=Path(str(raw.get("data_dir", Config.data_dir))),
-        default_policy=str(raw.get("default_policy", "default")),
+        data_dir=_coerce("data_dir", top["data_dir"], raw.get("data_dir", Config.data_dir)),
+        default_policy=_coerce(
+            "default_policy", top["default_policy"], raw.get("default_policy", "default")
+        ),
         policies=policies,
-        scoring_model=Path(str(raw["scoring_model"])) if raw.get("scoring_model") else None,
-        admin_tokens=_parse_admin_tokens(raw.get("admin") or {}),
-        tenants=_parse_tenants(raw.get("tenants") or {}),
-        source=Path(str(raw["source"])) if raw.get("source") else None,
+        scoring_model=_coerce("scoring_model", top["scoring_model"], raw.get("scoring_model")),
+        admin_tokens=_parse_admin_tokens(_mapping("admin", raw.get("admin"))),
+        tenants=_parse_tenants(_mapping("tenants", raw.get("tenants"))),
+        source=_coerce("source", top["source"], raw.get("source")),
     )
 
 
-def _parse_admin_tokens(admin: Mapping[str, Any]) -> dict[str, str]:
+def _mapping(where: str, value: Any) -> Mapping[Any, Any]:
+    """A section's body: a mapping, or {} when the section is left empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: must be a mapping, not {_kind(value)}")
+    return value
+
+
+def _named(where: str, body: Mapping[Any, Any]) -> list[tuple[str, Any]]:
+    """The entries of a mapping keyed by names (policies, tenants): names are text."""
+    for key in body:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}.{key}: names must be text: quote it ('{key}')")
+        if not key.strip():
+            raise ConfigError(f"{where}: a name cannot be empty")
+    return list(body.items())
+
+
+def _parse_admin_tokens(admin: Mapping[Any, Any]) -> dict[str, str]:
     """Admin credentials by name: `tokens` lists strings or {name, token} mappings.
 
     A bare token is named by a fingerprint of itself, so logs and the audit
     log can say who acted without ever holding the token.
     """
-    if not isinstance(admin, Mapping):
-        raise ConfigError("admin: must be a mapping")
     _reject_unknown("admin", admin, {"tokens"})
+    listed = [] if admin.get("tokens") is None else admin["tokens"]
+    if not isinstance(listed, list):
+        raise ConfigError(f"admin.tokens: must be a list of tokens, not {_kind(listed)}")
     tokens: dict[str, str] = {}
-    for i, entry in enumerate(admin.get("tokens") or []):
+    for i, entry in enumerate(listed):
+        where = f"admin.tokens[{i}]"
         if isinstance(entry, str) and entry:
-            name = "admin-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
-            tokens[name] = entry
-        elif isinstance(entry, Mapping) and entry.get("name") and entry.get("token"):
-            tokens[str(entry["name"])] = str(entry["token"])
+            name, token = "admin-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+        elif (
+            isinstance(entry, Mapping)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("token"), str)
+            and entry["name"]
+        ):
+            _reject_unknown(where, entry, {"name", "token"})
+            name, token = entry["name"], entry["token"]
         else:
-            raise ConfigError(f"admin.tokens[{i}]: must be a token or {{name, token}}")
-        if len(list(tokens.values())[-1]) < 16:
-            raise ConfigError(f"admin.tokens[{i}]: tokens must be at least 16 characters")
+            raise ConfigError(f"{where}: must be a token or {{name, token}}")
+        if len(token) < 16:
+            raise ConfigError(f"{where}: tokens must be at least 16 characters")
+        tokens[name] = token
     return tokens
 
 
-def _parse_tenants(raw: Mapping[str, Any]) -> dict[str, Tenant]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError("tenants: must be a mapping of tenant names to settings")
+def _parse_tenants(raw: Mapping[Any, Any]) -> dict[str, Tenant]:
     tenants = {}
-    for name, body in raw.items():
+    for name, value in _named("tenants", raw):
         where = f"tenants.{name}"
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{where}: must be a mapping")
+        body = _mapping(where, value)
         _reject_unknown(where, body, {"api_keys", "policy", "allowed_policies"})
-        keys = body.get("api_keys") or []
+        keys = body.get("api_keys")
         if (
             not isinstance(keys, list)
             or not keys
             or not all(isinstance(k, str) and len(k) >= 16 for k in keys)
         ):
             raise ConfigError(f"{where}.api_keys: a list of keys of at least 16 characters")
-        policy = str(body.get("policy") or "default")
-        allowed = tuple(str(p) for p in body.get("allowed_policies") or [policy])
-        tenants[str(name)] = Tenant(str(name), tuple(keys), policy, allowed)
+        policy = body.get("policy") or "default"
+        if not isinstance(policy, str):
+            raise ConfigError(f"{where}.policy: must be a policy name, not {_kind(policy)}")
+        allowed = body.get("allowed_policies") or [policy]
+        if not isinstance(allowed, list) or not all(isinstance(p, str) for p in allowed):
+            raise ConfigError(f"{where}.allowed_policies: must be a list of policy names")
+        tenants[name] = Tenant(name, tuple(keys), policy, tuple(allowed))
     return tenants
 
 
@@ -462,8 +610,8 @@ def parse_policy(name: str, body: Mapping[str, Any]) -> Policy:
     """A validated policy from plain values; errors name `policies.<name>.<field>`."""
     where = f"policies.{name}"
     if not isinstance(body, Mapping):
-        raise ConfigError(f"{where}: must be a mapping")
-    policy = _parse_section(where, Policy, {**body, "name": name})
+        raise ConfigError(f"{where}: must be a mapping, not {_kind(body)}")
+    policy: Policy = _parse_section(where, Policy, {**body, "name": name})
     try:
         policy.thresholds  # noqa: B018 - validates the pair
     except ValueError as exc:
@@ -471,8 +619,8 @@ def parse_policy(name: str, body: Mapping[str, Any]) -> Policy:
     return policy
 
 
-def _reject_unknown(where: str, body: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(body) - known)
+def _reject_unknown(where: str, body: Mapping[Any, Any], known: set[str]) -> None:
+    unknown = sorted((key for key in body if key not in known), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
@@ -480,9 +628,8 @@ def _reject_unknown(where: str, body: Mapping[str, Any], known: set[str]) -> Non
         )
 
 
-def _parse_section(where: str, cls: type, body: Mapping[str, Any]) -> Any:
-    if not isinstance(body, Mapping):
-        raise ConfigError(f"{where}: must be a mapping")
+def _parse_section(where: str, cls: type, body: Any) -> Any:
+    body = _mapping(where, body)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(where, body, set(fields))
     values = {key: _coerce(f"{where}.{key}", fields[key], value) for key, value in body.items()}
@@ -500,42 +647,134 @@ _ENUMS: dict[str, type[enum.Enum]] = {
 
 
 def _coerce(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    """`value` as the field's type, or a ConfigError naming `where`.
+
+    Strict about types (a list is not a model name, `true` is not a number),
+    lenient about text: environment variables and flags arrive as strings.
+    """
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    if value is None or (kind == "Path" and value == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: needs a value")
     try:
         if kind == "float":
-            number = float(value)
+            number = _to_float(value)
             if where.endswith(("escalate_at", "block_at")) and not 0.0 <= number <= 1.0:
                 raise ValueError("must be in [0, 1]")
             if number < 0:
                 raise ValueError("must not be negative")
             return number
         if kind == "int":
-            if isinstance(value, bool) or float(value) != int(value):
-                raise ValueError("must be a whole number")
-            number = int(value)
-            if number < 0 or (where.endswith("port") and number > 65535):
-                raise ValueError("out of range")
-            return number
-        if kind.endswith(" | None") and value is None:
-            return None
-        kind = kind.removesuffix(" | None")
+            whole = _to_int(value)
+            name = where.rsplit(".", 1)[-1]
+            low, high = _INT_MINIMA.get(name, 0), _INT_LIMITS.get(name, _INT_MAX)
+            if not low <= whole <= high:
+                raise ValueError(f"must be between {low} and {high}")
+            return whole
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError("must be true or false")
+            return _to_bool(value)
         if kind in _ENUMS:
-            enum_type = _ENUMS[kind]
-            try:
-                return enum_type(str(value).lower())
-            except ValueError:
-                choices = " or ".join(repr(m.value) for m in enum_type)
-                raise ValueError(f"must be {choices}") from None
+            return _to_enum(_ENUMS[kind], value)
         if kind == "Path":
-            return Path(str(value)) if value else None
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: invalid value {value!r} ({exc})") from None
+            return _to_path(value)
+        if kind == "str":
+            return _to_text(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"{where}: invalid value {_shown(where, value)} ({exc})") from None
+    raise TypeError(f"{where}: no parser for the type {kind!r}")  # a field type added here
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a number, not {_kind(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+    if isinstance(value, float):
+        if not value.is_integer():  # also nan and inf
+            raise ValueError("must be a whole number")
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"must be a whole number, not {_kind(value)}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str | int) else ""
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _to_enum(enum_type: type[enum.Enum], value: Any) -> enum.Enum:
+    choices = " or ".join(repr(m.value) for m in enum_type)
+    if value is False and "off" in {m.value for m in enum_type}:
+        value = "off"  # YAML 1.1 reads a bare `off` as false
+    if not isinstance(value, str):
+        raise ValueError(f"must be {choices}")
+    try:
+        return enum_type(value.strip().lower())
+    except ValueError:
+        raise ValueError(f"must be {choices}") from None
+
+
+def _to_path(value: Any) -> Path:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a path, not {_kind(value)}")
+    return Path(value)
+
+
+def _to_text(value: Any) -> str:
+    if not isinstance(value, str):
+        hint = "" if isinstance(value, Mapping | list) else " (quote it)"
+        raise ValueError(f"must be text, not {_kind(value)}{hint}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """What YAML made of a value, in the file's words."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text" if value else "empty text"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple | set):
+        return "a list"
+    if isinstance(value, bytes):
+        return "binary data"
+    return f"a {type(value).__name__}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _shown(where: str, value: Any) -> str:
+    """`value` for an error message: short, and never a secret."""
+    if any(word in where.rsplit(".", 1)[-1] for word in ("key", "token")):
+        return "(not shown)"
+    return _REPR.repr(value)

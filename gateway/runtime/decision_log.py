@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embeddings_index.sqlite_db import open_sqlite
+
 __all__ = ["DecisionLog", "LoggedDecision"]
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,7 @@ class DecisionLog:
     def __init__(self, path: Path, *, flush_ms: float = 200.0, batch: int = 500) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_sqlite(self.path, _SCHEMA, durable=False)
         self._lock = threading.Lock()
         self._queue: queue.Queue[LoggedDecision | threading.Event | None] = queue.Queue()
         self._flush_s = flush_ms / 1000.0

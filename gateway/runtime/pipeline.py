@@ -20,24 +20,27 @@ from dataclasses import dataclass, field, replace
 
 from critic.constitution import Constitution, Target
 from critic.detectors import detect
-from critic.loop import FailMode, Outcome, Verdict, judge_prompt, review_response
+from critic.loop import Outcome, judge_prompt, review_response
 from critic.records import CriticRecord
-from critic.types import Critic, CriticKind, CriticUnavailable, Deadline, Usage
+from critic.types import Critic, CriticUnavailable, Deadline, Usage
 from embeddings_index.store import Exemplar
+from embeddings_index.vocabulary import (
+    CriticKind,
+    CriticMode,
+    Decision,
+    FailMode,
+    Label,
+    Route,
+    Tier,
+)
 from gateway.runtime.app import Gateway
-from gateway.runtime.config import CriticMode, Policy
+from gateway.runtime.config import Policy
 from gateway.runtime.errors import FailedPrecondition, Unavailable
-from router.decision import Decision, Route, Tier
 from router.router import RouteResult, Timings
 
 __all__ = ["CheckResult", "GenerateResult", "check_prompt", "check_response", "generate"]
 
 _ROUTE_DECISIONS = {Route.ALLOW: Decision.ALLOW, Route.BLOCK: Decision.BLOCK}
-_VERDICT_DECISIONS = {
-    Verdict.ALLOW: Decision.ALLOW,
-    Verdict.REVISE: Decision.REVISE,
-    Verdict.BLOCK: Decision.BLOCK,
-}
 _MODE_REASONS = {CriticMode.SHADOW: "shadow", CriticMode.OFF: "critic_off"}
 
 
@@ -109,7 +112,7 @@ async def check_prompt(
             )
         return _fail_mode_result(routed, policy, constitution, _MODE_REASONS[policy.critic_mode])
     outcome = await _judge_and_record(gateway, text, policy, request_id, deadline, "sync")
-    decision = _VERDICT_DECISIONS[outcome.verdict]
+    decision = outcome.verdict
     return CheckResult(
         decision, Tier.CRITIC, routed, policy, constitution,
         _critic_reason(routed, outcome), escalated=True, outcome=outcome,
@@ -161,7 +164,7 @@ async def check_response(
         fail_reason = _MODE_REASONS[mode]
     trigger = "the prompt's risk" if risky else "an output detector"
     return CheckResult(
-        _VERDICT_DECISIONS[outcome.verdict], Tier.CRITIC, routed, policy, constitution,
+        outcome.verdict, Tier.CRITIC, routed, policy, constitution,
         f"{trigger} sent the draft to the critic: {_outcome_summary(outcome)}",
         escalated=True, outcome=outcome, fail_reason=fail_reason, final_text=outcome.final_text,
     )  # fmt: skip
@@ -207,16 +210,22 @@ async def generate(
 
 async def _route(gateway: Gateway, text: str, policy: Policy) -> RouteResult:
     """The router's result, from the route cache when the same text met the same
-    thresholds and the same index version (a change of either is a new key)."""
-    key = (text, policy.thresholds, policy.k, gateway.index.index.version)
-    cached = gateway.route_cache.get(key)
+    thresholds and k on the same index snapshot.
+
+    A cached result holds the snapshot it was routed on (~14 MB at 8k
+    exemplars), so the cache's generation is the snapshot itself: the first
+    route that sees a newer one empties the cache, and a result routed on a
+    snapshot that is no longer the cache's is not kept. A replaced snapshot thus
+    outlives its replacement only until the next check, never until LRU eviction.
+    """
+    key = (text, policy.thresholds, policy.k)
+    cached = gateway.route_cache.get(key, generation=gateway.index.index)
     if cached is not None:
         return replace(cached, timings=Timings())
     routed = await gateway.router.route(
         text, thresholds=policy.thresholds, embed=gateway.batcher.embed, k=policy.k or None
     )
-    if routed.index.version == key[-1]:
-        gateway.route_cache.put(key, routed)
+    gateway.route_cache.put(key, routed, generation=routed.index)
     return routed
 
 
@@ -297,12 +306,12 @@ def _propose(
     gateway: Gateway, text: str, outcome: Outcome, request_id: str, policy: Policy
 ) -> None:
     """A critic-confirmed attack becomes a risky proposal; a cleared prompt a benign near-miss."""
-    risky = outcome.verdict is Verdict.BLOCK
+    risky = outcome.verdict is Decision.BLOCK
     gateway.index.store.propose(
         Exemplar(
             id="",
             text=text,
-            label="risky" if risky else "benign",
+            label=Label.RISKY if risky else Label.BENIGN,
             category=(outcome.violated_rules[0] if risky and outcome.violated_rules else
                       "critic_confirmed" if risky else "benign_hard"),
             source=f"critic:{outcome.model}",

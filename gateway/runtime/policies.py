@@ -2,15 +2,21 @@
 
 Reads are lock-free (a dict swapped whole); an update or a config reload
 builds a new dict and swaps it in, so a change applies to the next request and
-never tears one in flight. Admin changes are stored durably (AdminState) and
-win over the file until the policy is reset.
+never tears one in flight. Writers (updates from the admin API's worker threads,
+SIGHUP reloads) take one lock for the whole read-merge-validate-persist-publish
+step: without it two concurrent updates each merge into the same old policy
+and the later write silently drops the earlier one's field, and a reload that
+read the stored overrides just before an update would publish them without it.
+Admin changes are stored durably (AdminState) and win over the file until the
+policy is reset.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from gateway.runtime.admin_state import AdminState
@@ -32,6 +38,7 @@ class PolicyRegistry:
 
     def __init__(self, config: Config, state: AdminState, constitutions: Iterable[str]) -> None:
         self._state = state
+        self._lock = threading.Lock()  # serialises writers; readers never take it
         self._constitutions = frozenset(constitutions)
         self._file: Mapping[str, Policy] = {}
         self._policies: dict[str, Policy] = {}
@@ -46,15 +53,17 @@ class PolicyRegistry:
             ConfigError: a policy names an unknown constitution.
         """
         self._check_constitutions(config.policies.values())
-        overrides = {
-            name: parse_policy(name, body) for name, body in self._state.policy_overrides().items()
-        }
-        policies = {**config.policies, **overrides}
-        self._check_constitutions(overrides.values())
-        self._origins = {name: "admin" if name in overrides else "config" for name in policies}
-        self._file = config.policies
-        self._policies = policies
-        self.default_name = config.default_policy
+        with self._lock:  # no update may land between reading the overrides and publishing
+            overrides = {
+                name: parse_policy(name, body)
+                for name, body in self._state.policy_overrides().items()
+            }
+            policies = {**config.policies, **overrides}
+            self._check_constitutions(overrides.values())
+            self._origins = {name: "admin" if name in overrides else "config" for name in policies}
+            self._file = config.policies
+            self._policies = policies
+            self.default_name = config.default_policy
 
     def get(self, name: str) -> Policy | None:
         """The policy called `name`, or None."""
@@ -79,14 +88,16 @@ class PolicyRegistry:
         Raises:
             ConfigError: a change is invalid; the message names the field.
         """
-        before = self._policies.get(name)
-        body = {**policy_to_dict(before or Policy(name=name)), **changes}
-        body.pop("name", None)
-        after = parse_policy(name, body)
-        self._check_constitutions([after])
-        self._state.set_policy_override(name, policy_to_dict(replace(after)), actor)
-        self._policies = {**self._policies, name: after}
-        self._origins = {**self._origins, name: "admin"}
+        with self._lock:  # read-merge-validate-persist-publish as one step
+            before = self._policies.get(name)
+            body = {**policy_to_dict(before or Policy(name=name)), **changes}
+            body.pop("name", None)
+            after = parse_policy(name, body)
+            self._check_constitutions([after])
+            # Stored first: memory never shows a change that is not durable.
+            self._state.set_policy_override(name, policy_to_dict(after), actor)
+            self._policies = {**self._policies, name: after}
+            self._origins = {**self._origins, name: "admin"}
         return before, after
 
     def _check_constitutions(self, policies: Iterable[Policy]) -> None:

@@ -130,7 +130,7 @@ async def test_escalated_prompt_without_llm_gets_the_fail_mode_and_says_so(
     assert verdict.escalated and verdict.decided_by == pb.TIER_CRITIC
     assert verdict.fallback_applied and verdict.fallback_reason == "not_judged"
     assert verdict.decision == pb.DECISION_BLOCK  # the default fail mode is closed
-    assert verdict.critic.kind == "local" and "fail mode" in verdict.reason
+    assert verdict.critic.critic_kind == pb.CRITIC_KIND_LOCAL and "fail mode" in verdict.reason
 
 
 def _error(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[object]]:
@@ -175,9 +175,23 @@ async def test_unknown_policy_is_not_found_with_error_info(
         await stub.CheckPrompt(pb.CheckPromptRequest(text="hello", policy="no-such-policy"))
     code, message, details = _error(caught.value)
     assert code == grpc.StatusCode.NOT_FOUND
-    assert "no-such-policy" in message and "default" in message
+    assert "no-such-policy" in message
     assert isinstance(details[0], error_details_pb2.ErrorInfo)
     assert details[0].reason == "POLICY_NOT_FOUND" and details[0].domain == "tierguard"
+    # the gateway's other policies are not revealed to whoever asks
+    assert not {"payflow", "transparent", "critic-all"} & set(message.replace("'", " ").split())
+
+
+async def test_a_very_long_unknown_policy_name_is_not_found_with_a_bounded_message(
+    stub: pb_grpc.GuardrailServiceStub,
+) -> None:
+    name = "p" * 6000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CheckPrompt(pb.CheckPromptRequest(text="hello", policy=name))
+    code, message, details = _error(caught.value)
+    assert code == grpc.StatusCode.NOT_FOUND  # not RESOURCE_EXHAUSTED on the client
+    assert len(message) < 400 and "6000 characters" in message
+    assert len(details[0].metadata["policy"]) < 100
 
 
 async def test_invalid_utf8_is_invalid_argument_and_server_keeps_serving(

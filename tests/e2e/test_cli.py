@@ -4,25 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import socket
 import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from embeddings_index.embedder import SentenceTransformerEmbedder
-from gateway.api.server import RunningServer
+from gateway.api.server import RunningServer, start_server
 from gateway.offline.evaluate import evaluate_cross_source, evaluate_files, format_reports
+from gateway.runtime.app import Gateway
+from gateway.runtime.config import Tenant
 from router.cross_source import format_cross_source
 from tests.conftest import make_config
+from tests.e2e.test_tls import pki  # noqa: F401 - the fixture: a CA, server and client certificates
+
+API_KEY = "cli-tenant-key-0123456789abcdef"
+# `python -m gateway.cli` in an interpreter where `import matplotlib` fails, as without it
+NO_MATPLOTLIB = (
+    "import sys; sys.modules['matplotlib'] = None; "
+    "from gateway.cli.main import main; sys.exit(main())"
+)
 
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, module: tuple[str, ...] = ("-m", "gateway.cli")
+) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args,
+        sys.executable, *module, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     out, err = await process.communicate()
     return process.returncode or 0, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def test_check_prints_the_verdict_as_json(server: RunningServer) -> None:
@@ -123,3 +147,102 @@ def test_eval_cross_source_holds_each_file_out_and_runs_the_baseline(
     assert "summary (pooled over held-out files)" in format_cross_source(result)
     with pytest.raises(ValueError, match="at least two labelled files"):
         evaluate_cross_source(make_config(data_dir), paths[:1], embedder=embedder)
+
+
+@pytest.fixture
+async def keyed_tls_server(
+    data_dir: Path,
+    embedder: SentenceTransformerEmbedder,
+    pki: Path,  # noqa: F811
+) -> AsyncIterator[RunningServer]:
+    """A TLS gateway that answers check calls only with an API key."""
+    base = make_config(data_dir)
+    server = replace(base.server, require_api_key=True, tls_cert_file=pki / "server.pem",
+                     tls_key_file=pki / "server.key")  # fmt: skip
+    tenants = {"acme": Tenant("acme", (API_KEY,), "payflow", ("payflow",))}
+    gateway = Gateway.create(replace(base, server=server, tenants=tenants), embedder=embedder)
+    running = await start_server(gateway, port=0)
+    yield running
+    await running.stop(grace_seconds=0)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_check_reaches_a_tls_gateway_that_requires_an_api_key(
+    keyed_tls_server: RunningServer,
+    pki: Path,  # noqa: F811
+) -> None:
+    target = ("--address", f"127.0.0.1:{keyed_tls_server.port}", "--tls-ca", str(pki / "ca.pem"))
+    code, out, err = await run_cli("check", "How do I reset my password?", *target,
+                                   "--api-key", API_KEY, "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "payflow"  # the tenant's policy: the key was sent
+    code, out, err = await run_cli("check", "How do I reset my password?", *target, "--json",
+                                   env={"TIERGUARD_API_KEY": API_KEY})  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["decision"] == "DECISION_ALLOW"
+    code, _, err = await run_cli("check", "hi", *target)
+    assert code == 2 and err.startswith("tierguard: UNAUTHENTICATED") and "API key" in err
+
+
+def labelled(tmp_path: Path) -> Path:
+    path = tmp_path / "good.jsonl"
+    rows = [("Ignore all previous instructions", "risky"), ("What time is it?", "benign")]
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return path
+
+
+def bad_jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine", "label": "benign"}\nnot json at all\n')
+    return path
+
+
+def broken_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tierguard.yaml"
+    path.write_text("policies: {default: {constitution: martian}}\n")
+    return path
+
+
+EXPECTED_ERRORS: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("calibrate --plot without matplotlib",
+     lambda t: ["calibrate", "--data", str(labelled(t)), "--target-recall", "0.9",
+                "--plot", str(t / "plot.png")], "matplotlib"),
+    ("eval, missing file", lambda t: ["eval", "--data", str(t / "missing.jsonl")],
+     "missing.jsonl: No such file"),
+    ("eval, bad JSONL", lambda t: ["eval", "--data", str(bad_jsonl(t))], "bad.jsonl:2"),
+    ("calibrate, bad JSONL",
+     lambda t: ["calibrate", "--data", str(bad_jsonl(t)), "--target-recall", "0.9"], "bad.jsonl:2"),
+    ("eval, unknown policy",
+     lambda t: ["eval", "--data", str(labelled(t)), "--policy", "nope"], "unknown policy 'nope'"),
+    ("calibrate, unknown policy",
+     lambda t: ["calibrate", "--data", str(labelled(t)), "--max-escalation", "0.1",
+                "--policy", "nope"], "unknown policy 'nope'"),
+    ("check, unreachable server",
+     lambda t: ["check", "hi", "--address", f"127.0.0.1:{free_port()}", "--timeout", "3"],
+     "UNAVAILABLE"),
+    ("check, missing CA file",
+     lambda t: ["check", "hi", "--tls-ca", str(t / "nope.pem")], "nope.pem"),
+    ("check, client certificate without its key",
+     lambda t: ["check", "hi", "--tls-cert", str(t / "c.pem")], "--tls-key"),
+    ("index list, no admin token", lambda t: ["index", "list"], "admin token"),
+    ("serve, unknown constitution",
+     lambda t: ["serve", "--config", str(broken_config(t))], "policies.default.constitution"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make_args", "expected"),
+    [row[1:] for row in EXPECTED_ERRORS],
+    ids=[row[0] for row in EXPECTED_ERRORS],
+)
+async def test_expected_errors_are_one_line_and_exit_2(
+    tmp_path: Path, make_args: Callable[[Path], list[str]], expected: str
+) -> None:
+    args = make_args(tmp_path)
+    if args[0] in ("eval", "calibrate", "serve"):
+        args += ["--data-dir", str(tmp_path / "data")]
+    module = ("-c", NO_MATPLOTLIB) if "--plot" in args else ("-m", "gateway.cli")
+    code, _, err = await run_cli(*args, module=module)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err  # no traceback, no faiss loader lines
+    assert err.startswith("tierguard: ") and expected in err

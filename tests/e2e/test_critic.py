@@ -77,7 +77,9 @@ async def test_origin_example_is_revised_without_the_schema(
     assert "payflow.no-internal-disclosure" in verdict_.violated_rule_ids
     assert "CREATE TABLE" not in reply.final_text and reply.final_text
     assert verdict_.decided_by == pb.TIER_CRITIC and verdict_.escalated
-    assert verdict_.critic.kind == "llm" and verdict_.critic.model == "fake-critic"
+    assert (
+        verdict_.critic.critic_kind == pb.CRITIC_KIND_LLM and verdict_.critic.model == "fake-critic"
+    )
     assert verdict_.critic.rounds == 2 and verdict_.critic.calls == 2  # critique, then re-check
     assert verdict_.critic.prompt_tokens == 240 and verdict_.critic.cost_usd > 0
     assert verdict_.constitution == "payflow@1.0" and not verdict_.fallback_applied
@@ -239,7 +241,7 @@ async def test_escalated_prompts_are_judged_by_the_critic(
     assert blocked.escalated and blocked.decided_by == pb.TIER_CRITIC
     assert blocked.decision == pb.DECISION_BLOCK
     assert list(blocked.violated_rule_ids) == ["base.no-jailbreak"]
-    assert blocked.critic.kind == "llm" and not blocked.fallback_applied
+    assert blocked.critic.critic_kind == pb.CRITIC_KIND_LLM and not blocked.fallback_applied
     assert "BEGIN-" in fake_llm.requests[0]["messages"][-1]["content"]
     cleared = (
         await llm_stub.CheckPrompt(pb.CheckPromptRequest(text=question, policy="critic-all"))
@@ -307,7 +309,10 @@ async def test_without_an_endpoint_the_local_critic_answers_and_says_so(
     stub: pb_grpc.GuardrailServiceStub,
 ) -> None:
     reply = await check_response(stub, ORIGIN_PROMPT, SCHEMA_DRAFT)
-    assert reply.verdict.critic.kind == "local" and reply.verdict.critic.model == ""
+    assert (
+        reply.verdict.critic.critic_kind == pb.CRITIC_KIND_LOCAL
+        and reply.verdict.critic.model == ""
+    )
     assert "CREATE TABLE" not in reply.final_text
     assert "payflow.no-internal-disclosure" in reply.verdict.violated_rule_ids
     assert reply.verdict.decision in (pb.DECISION_REVISE, pb.DECISION_BLOCK)

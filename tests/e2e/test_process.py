@@ -16,6 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway._proto.guardrail.v1 import admin_pb2 as apb
+from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
+from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
+from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
+
 ADMIN_TOKEN = "process-admin-token-0123456789"
 CONFIG = """
 server: {{host: 127.0.0.1, port: {port}}}
@@ -151,3 +156,118 @@ def test_sighup_reloads_a_good_config_and_rejects_a_bad_one(
         time.sleep(0.3)
     log = gateway_process.log_path.read_text()
     assert "rejected, the old config stays in force" in log and "reloaded" in log
+
+
+TENANT_KEY = "process-tenant-key-0123456789"
+FILE_ADMIN_TOKEN = "process-file-admin-token-0123"
+AUTH_CONFIG = """
+server: {{host: 127.0.0.1, port: {port}, require_api_key: true}}
+data_dir: {data_dir}
+embedding: {{models_dir: {models_dir}}}
+policies:
+  default: {{}}
+  demo: {{escalate_at: 0.5, block_at: 0.99}}
+tenants:
+  acme: {{api_keys: [{tenant_key}], policy: demo}}
+admin:
+  tokens: [{admin_token}]
+"""
+
+
+def check_code(port: int, key: str | None) -> grpc.StatusCode:
+    """The status of one CheckPrompt with `key` (or none) as the bearer credential."""
+    metadata = [("authorization", f"Bearer {key}")] if key else []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            pb_grpc.GuardrailServiceStub(channel).CheckPrompt(
+                pb.CheckPromptRequest(text="How do I reset my password?"),
+                metadata=metadata,
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def admin_code(port: int, token: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            apb_grpc.AdminServiceStub(channel).ListPolicies(
+                apb.ListPoliciesRequest(),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def auth_gateway_process(data_dir: Path, models_dir: Path, tmp_path: Path) -> Iterator[Gateway]:
+    """A `tierguard serve` whose file requires API keys and holds a tenant and an admin token."""
+    port = free_port()
+    config = tmp_path / "tierguard.yaml"
+    config.write_text(AUTH_CONFIG.format(
+        port=port, data_dir=data_dir, models_dir=models_dir,
+        tenant_key=TENANT_KEY, admin_token=FILE_ADMIN_TOKEN,
+    ))  # fmt: skip
+    process = Gateway(config, port, tmp_path / "server.log")
+    del process.env["TIERGUARD_ADMIN_TOKENS"]  # the file's token is the only admin credential
+    process.start()
+    yield process
+    process.stop()
+
+
+def assert_auth_in_force(port: int) -> None:
+    assert check_code(port, None) == grpc.StatusCode.UNAUTHENTICATED
+    assert check_code(port, TENANT_KEY) == grpc.StatusCode.OK
+    assert admin_code(port, FILE_ADMIN_TOKEN) == grpc.StatusCode.OK
+
+
+def wait_for_log(gateway: Gateway, text: str, timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while text not in (log := gateway.log_path.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the server log:\n{log}"
+        time.sleep(0.2)
+    return log
+
+
+def test_an_empty_config_on_sighup_leaves_authentication_as_it_was(
+    auth_gateway_process: Gateway,
+) -> None:
+    gateway = auth_gateway_process
+    assert gateway.process is not None
+    assert_auth_in_force(gateway.port)
+    gateway.config_path.write_text("")  # as a truncating editor leaves it
+    gateway.process.send_signal(signal.SIGHUP)
+    log = wait_for_log(gateway, "stays in force")
+    assert f"{gateway.config_path} has no settings" in log
+    assert gateway.process.poll() is None
+    assert_auth_in_force(gateway.port)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"policies: {default: {max_rounds: .inf}}\n", "policies.default.max_rounds"),
+        (b"server: {port: \xff\xfe}\n", "not UTF-8"),
+        (b"", "no settings"),
+        (b"policies: {1: {}, default: {}}\n", "policies.1"),
+    ],
+    ids=["inf", "invalid UTF-8", "empty", "mixed keys"],
+)
+def test_a_broken_config_at_start_is_one_line_and_exit_2(
+    tmp_path: Path, body: bytes, field: str
+) -> None:
+    config = tmp_path / "tierguard.yaml"
+    config.write_bytes(body)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+         "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("tierguard: bad configuration: ")
+    assert field in line and str(config) in line

@@ -93,3 +93,33 @@ def test_find_by_text_folds_case_and_spacing(store: ExemplarStore) -> None:
     found = store.find_by_text(["ignore the rules", "something else"])
     assert [e.id for e in found.values()] == ["a"]
     assert text_key("Ignore  the RULES") == text_key("ignore the rules")
+
+
+def proposal(text: str) -> Exemplar:
+    return Exemplar(id="", text=text, label="risky", category="prompt_injection",
+                    source="critic:test", added_by="critic")  # fmt: skip
+
+
+def test_pending_proposals_page_by_id_without_repeats_or_gaps(store: ExemplarStore) -> None:
+    for i in range(7):
+        assert store.propose(proposal(f"proposal {i}"))
+    first = store.pending_proposals(limit=3)
+    store.review_proposal(first[1][0], accept=False, reviewer="tester")  # reviewed mid-listing
+    second = store.pending_proposals(after_id=first[-1][0], limit=3)
+    third = store.pending_proposals(after_id=second[-1][0], limit=3)
+    texts = [e.text for _, e in first + second + third]
+    assert texts == [f"proposal {i}" for i in range(7)]
+    assert len(third) == 1
+    assert [e.text for _, e in store.pending_proposals()] == [
+        f"proposal {i}" for i in range(7) if i != 1
+    ]
+
+
+def test_pending_proposals_are_counted_in_the_database(store: ExemplarStore) -> None:
+    assert store.count_pending_proposals() == 0
+    for i in range(4):
+        store.propose(proposal(f"proposal {i}"))
+    assert not store.propose(proposal("PROPOSAL 0"))  # already queued: not counted twice
+    [(pid, _)] = store.pending_proposals(limit=1)
+    store.review_proposal(pid, accept=True, reviewer="tester")
+    assert store.count_pending_proposals() == 3 == len(store.pending_proposals())

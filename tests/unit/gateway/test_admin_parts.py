@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from critic.loop import FailMode
+from embeddings_index.vocabulary import FailMode
 from gateway.runtime.admin_state import AdminState
 from gateway.runtime.auth import Credentials, Role, bearer_token
 from gateway.runtime.config import Config, ConfigError, Policy, Tenant

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from critic.loop import FailMode
+from critic.chat import LLMSettings
+from embeddings_index.embedder import SentenceTransformerEmbedder
+from embeddings_index.vocabulary import CriticMode, FailMode
+from gateway.api.server import reload_config
+from gateway.runtime.app import Gateway
+from gateway.runtime.auth import Role
 from gateway.runtime.config import (
     DEFAULT_BLOCK_AT,
     DEFAULT_ESCALATE_AT,
     ConfigError,
-    CriticMode,
     EmbeddingBackend,
     load_config,
 )
@@ -83,6 +93,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("policies: {p: {max_rounds: 1.5}}\ndefault_policy: p", "policies.p.max_rounds"),
         ("critic: {call_timeout_s: -1}", "critic.call_timeout_s"),
         ("embedding: {backend: gpu}", "embedding.backend"),
+        ("embedding: {max_batch: 0}", "embedding.max_batch: .*between 1 and"),
+        ("embedding: {max_batch_chars: 0}", "embedding.max_batch_chars"),
         ("index: {structure: kdtree}", "index: structure"),
         ("index: {nprobe: 0}", "index: nprobe"),
         ("index: {approximate_above: many}", "index.approximate_above"),
@@ -95,7 +107,7 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
 def test_bad_values_name_their_field(tmp_path: Path, body: str, field: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(body)
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace(r"\.*", ".*")):
         load_config(path, environ={})
 
 
@@ -121,9 +133,224 @@ def test_critic_can_be_forced_off(tmp_path: Path) -> None:
 
 
 def test_a_policy_naming_an_unknown_constitution_stops_the_gateway(tmp_path: Path) -> None:
-    from gateway.runtime.app import Gateway
-
     path = tmp_path / "c.yaml"
     path.write_text("policies: {default: {constitution: martian}}\n")
     with pytest.raises(ConfigError, match=r"policies\.default\.constitution: 'martian'"):
         Gateway.create(load_config(path, environ={}), environ={})
+
+
+# --- broken files: one line naming the field (and the file), at start and on SIGHUP ---
+
+TENANT_KEY = "tenant-key-0123456789abcdef"
+FILE_ADMIN_TOKEN = "file-admin-token-0123456789"
+GOOD = (
+    "server: {require_api_key: true}\n"
+    "policies: {default: {}, demo: {escalate_at: 0.5}}\n"
+    f"tenants: {{acme: {{api_keys: [{TENANT_KEY}], policy: demo}}}}\n"
+    f"admin: {{tokens: [{FILE_ADMIN_TOKEN}]}}\n"
+)
+BROKEN: list[tuple[str, bytes, str]] = [
+    ("empty", b"", "no settings"),
+    ("whitespace", b"  \n\t\n\n", "no settings"),
+    ("comments", b"# tierguard\n# nothing yet\n", "no settings"),
+    ("null document", b"~\n", "no settings"),
+    ("invalid UTF-8", b"server: {host: caf\xe9}\n", "not UTF-8"),
+    ("binary", bytes(range(256)) * 4, "not UTF-8"),
+    ("control characters", b"\x00\x01\x02tierguard", "not valid YAML"),
+    ("list on top", b"- server\n- policies\n", "top level"),
+    ("text on top", b"just some words\n", "top level"),
+    ("two documents", b"server: {port: 1}\n---\nserver: {port: 2}\n", "not valid YAML"),
+    ("key twice", b"server: {require_api_key: true}\nserver: {port: 6000}\n", "'server' twice"),
+    ("deep nesting", b"[" * 5000, "nested too deeply"),
+    ("huge literal", b"server: {port: " + b"9" * 5000 + b"}\n", "not valid YAML"),
+    (
+        "max_rounds .inf",
+        b"policies: {default: {max_rounds: .inf}}\n",
+        "policies.default.max_rounds",
+    ),
+    (
+        "max_rounds .nan",
+        b"policies: {default: {max_rounds: .nan}}\n",
+        "policies.default.max_rounds",
+    ),
+    ("max_rounds bool", b"policies: {default: {max_rounds: yes}}\n", "policies.default.max_rounds"),
+    (
+        "escalate_at .nan",
+        b"policies: {default: {escalate_at: .nan}}\n",
+        "policies.default.escalate_at",
+    ),
+    ("timeout .inf", b"critic: {call_timeout_s: .inf}\n", "critic.call_timeout_s"),
+    ("grace .nan", b"server: {grace_seconds: .nan}\n", "server.grace_seconds"),
+    ("grace bool", b"server: {grace_seconds: true}\n", "server.grace_seconds"),
+    ("wait .inf", b"embedding: {max_wait_ms: .inf}\n", "embedding.max_wait_ms"),
+    (
+        "huge int",
+        b"server: {max_concurrent_checks: " + b"9" * 400 + b"}\n",
+        "server.max_concurrent_checks",
+    ),
+    ("int over C int", b"embedding: {cache_size: 4294967296}\n", "embedding.cache_size"),
+    ("text too long to frame", b"server: {max_text_chars: 1000000000}\n", "server.max_text_chars"),
+    ("nprobe bool", b"index: {nprobe: true}\n", "index.nprobe"),
+    ("policy name a number", b"policies: {1: {max_rounds: 1}, default: {}}\n", "policies.1"),
+    ("mixed unknown keys", b"server: {1: 2, colour: red}\n", "server.1"),
+    ("mixed top-level keys", b"2: two\nsurprise: 1\n", "2: unknown setting"),
+    (
+        "tenant name a number",
+        f"tenants: {{7: {{api_keys: [{TENANT_KEY}]}}}}\n".encode(),
+        "tenants.7",
+    ),
+    (
+        "tenant policies as text",
+        f"tenants: {{a: {{api_keys: [{TENANT_KEY}], allowed_policies: default}}}}\n".encode(),
+        "tenants.a.allowed_policies",
+    ),
+    ("admin tokens as text", f"admin: {{tokens: {FILE_ADMIN_TOKEN}}}\n".encode(), "admin.tokens"),
+    ("admin a list", b"admin: [x]\n", "admin"),
+    ("section a number", b"server: 5\n", "server"),
+    ("data_dir a list", b"data_dir: [a, b]\n", "data_dir"),
+    ("model a list", b"critic: {model: [gpt-4o-mini]}\n", "critic.model"),
+    ("host a date", b"server: {host: 2020-01-01}\n", "server.host"),
+    (
+        "critic_mode a list",
+        b"policies: {default: {critic_mode: [sync]}}\n",
+        "policies.default.critic_mode",
+    ),
+    ("backoff inverted", b"critic: {backoff_base_s: 3, backoff_max_s: 1}\n", "backoff_max_s"),
+    ("require_api_key maybe", b"server: {require_api_key: maybe}\n", "server.require_api_key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"), [row[1:] for row in BROKEN], ids=[r[0] for r in BROKEN]
+)
+def test_broken_files_are_one_line_errors_naming_the_field_and_file(
+    tmp_path: Path, body: bytes, expected: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert expected in message and str(path) in message
+    assert "\n" not in message
+
+
+@pytest.fixture(scope="module")
+async def reloadable(
+    tmp_path_factory: pytest.TempPathFactory,
+    seeded_store_file: Path,
+    embedder: SentenceTransformerEmbedder,
+) -> AsyncIterator[Gateway]:
+    """One gateway for every reload case: each case leaves it as it found it."""
+    directory = tmp_path_factory.mktemp("reload")
+    shutil.copy(seeded_store_file, directory / "exemplars.sqlite3")
+    path = directory / "tierguard.yaml"
+    path.write_text(GOOD)
+    gateway = Gateway.create(load_config(path, environ={}, overrides={"data_dir": directory}),
+                             embedder=embedder, environ={})  # fmt: skip
+    yield gateway
+    await gateway.aclose()
+
+
+@pytest.fixture
+def gateway(reloadable: Gateway) -> Iterator[Gateway]:
+    """The shared gateway with its good file and config back after the test."""
+    config = reloadable.config
+    yield reloadable
+    assert config.source is not None
+    config.source.write_text(GOOD)
+    if reloadable.config is not config:
+        reloadable.reload(config)
+
+
+def assert_auth_as_it_was(gateway: Gateway) -> None:
+    assert gateway.config.server.require_api_key
+    anonymous, tenant = gateway.credentials.identify(None), gateway.credentials.identify(TENANT_KEY)
+    admin = gateway.credentials.identify(FILE_ADMIN_TOKEN)
+    assert anonymous is not None and anonymous.role is Role.ANONYMOUS
+    assert tenant is not None and tenant.role is Role.TENANT and tenant.policy == "demo"
+    assert admin is not None and admin.role is Role.ADMIN
+
+
+RELOAD_ONLY: list[tuple[str, str, str]] = [
+    ("api keys turned off", GOOD.replace("require_api_key: true", "require_api_key: false"),
+     "server.require_api_key"),
+    ("server section dropped", GOOD.split("\n", 1)[1], "server.require_api_key"),
+    ("every tenant removed", GOOD.replace(f"tenants: {{acme: {{api_keys: [{TENANT_KEY}], policy: demo}}}}\n", ""),
+     "tenants"),
+    ("every admin token removed", GOOD.replace(f"admin: {{tokens: [{FILE_ADMIN_TOKEN}]}}\n", ""),
+     "admin.tokens"),
+]  # fmt: skip
+
+
+# a reload keeps the running data_dir: the file's is not read
+ON_RELOAD = [row for row in BROKEN if row[0] != "data_dir a list"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [row[1:] for row in ON_RELOAD] + [(b.encode(), e) for _, b, e in RELOAD_ONLY],
+    ids=[r[0] for r in ON_RELOAD] + [r[0] for r in RELOAD_ONLY],
+)
+def test_a_reload_rejects_what_it_must_not_take_and_keeps_the_old_config(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture, body: bytes, expected: str
+) -> None:
+    before = gateway.config
+    assert before.source is not None
+    before.source.write_bytes(body)
+    with caplog.at_level(logging.ERROR, logger="gateway.api.server"):
+        assert reload_config(gateway) is False
+    assert gateway.config is before
+    assert_auth_as_it_was(gateway)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    message = record.getMessage()
+    assert expected in message and str(before.source) in message and "stays in force" in message
+    assert record.exc_info is None  # an expected rejection, not a crash
+
+
+def test_a_reload_may_rotate_keys_and_tighten_auth(gateway: Gateway) -> None:
+    assert gateway.config.source is not None
+    rotated = GOOD.replace(TENANT_KEY, "rotated-key-0123456789abcdef")
+    gateway.config.source.write_text(rotated)
+    assert reload_config(gateway) is True
+    tenant = gateway.credentials.identify("rotated-key-0123456789abcdef")
+    assert tenant is not None and tenant.role is Role.TENANT
+    assert gateway.credentials.identify(TENANT_KEY) is None
+
+
+def test_unquoted_off_is_the_critic_mode_off(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("policies: {default: {critic_mode: off}}\n")  # YAML 1.1 reads `off` as false
+    assert load_config(path, environ={}).policies["default"].critic_mode is CriticMode.OFF
+
+
+def test_environment_errors_name_the_variable_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n")  # an empty section the variable has to create
+    with pytest.raises(ConfigError, match=r"TIERGUARD_PORT: server\.port"):
+        load_config(path, environ={"TIERGUARD_PORT": "http"})
+    assert load_config(path, environ={"TIERGUARD_PORT": "6002"}).server.port == 6002
+
+
+def _non_default(f: dataclasses.Field[Any]) -> Any:
+    kind = str(f.type).removesuffix(" | None")
+    default = f.default if f.default is not None else None
+    if kind == "str":
+        return f"set-{f.name}"
+    if kind == "int":
+        return int(default or 0) + 7
+    if kind == "float":
+        return float(default or 0.0) + 1.25
+    raise AssertionError(f"LLMSettings.{f.name}: no test value for {f.type}")
+
+
+@pytest.mark.parametrize("section", ["critic", "generator"])
+def test_every_llm_setting_can_be_set_from_the_file(tmp_path: Path, section: str) -> None:
+    fields = dataclasses.fields(LLMSettings)
+    wanted = {f.name: _non_default(f) for f in fields}
+    wanted["backoff_max_s"] = wanted["backoff_base_s"] + 5  # keep the pair in order
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {"enabled": True, **wanted}}))
+    settings = getattr(load_config(path, environ={}), section).settings({})
+    assert {f.name: getattr(settings, f.name) for f in fields} == wanted
+    assert all(wanted[f.name] != f.default for f in fields)  # every field really changed

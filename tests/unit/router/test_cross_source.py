@@ -9,20 +9,11 @@ from router.cross_source import (
     cross_source,
     format_cross_source,
     leave_one_source_out,
-    threshold_for,
     vigil_method,
 )
 from router.evaluation import LabelledText
 
 FILES = ("a.jsonl", "b.jsonl", "c.jsonl")
-
-
-def test_threshold_escalates_at_most_the_target_share() -> None:
-    scores = np.linspace(0.1, 1.0, 10)
-    t = threshold_for(scores, 0.2)
-    assert (scores >= t).mean() == 0.2 and 0.8 < t <= 0.9
-    assert (scores >= threshold_for(scores, 0.0)).mean() == 0.0
-    assert threshold_for(scores, 1.0) == 0.1
 
 
 def corpus(seed: int = 0, per_file: int = 40) -> Corpus:

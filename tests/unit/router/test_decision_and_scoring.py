@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from embeddings_index.faiss_index import Neighbors
-from router.decision import Route, Thresholds, Tier, route_for
+from embeddings_index.vocabulary import Route, Tier
+from router.decision import Thresholds, lowest_threshold_at_rate, route_for
 from router.prefilter import PrefilterHit, RuleAction
 from router.scoring import FEATURE_NAMES, Evidence, ScoringModel, features, prefilter_signal
 
@@ -85,3 +86,15 @@ def test_stale_model_file_is_rejected() -> None:
 def test_shipped_model_loads() -> None:
     model = ScoringModel.load()
     assert model.embedding_weights is not None and model.k > 0
+
+
+def test_lowest_threshold_escalates_at_most_the_target_share() -> None:
+    scores = np.linspace(0.1, 1.0, 10)
+    t = lowest_threshold_at_rate(scores, 0.2)
+    assert (scores >= t).mean() == 0.2 and 0.8 < t <= 0.9
+    assert (scores >= lowest_threshold_at_rate(scores, 0.0)).mean() == 0.0
+    assert lowest_threshold_at_rate(scores, 1.0) == 0.1
+    # a rate that is a whole number of rows despite float error (0.29 * 100 = 28.999...)
+    many = np.linspace(0.0, 1.0, 100)
+    assert (many >= lowest_threshold_at_rate(many, 0.29)).sum() == 29
+    assert lowest_threshold_at_rate(np.array([]), 0.1) == 0.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.decision import Route
+from embeddings_index.vocabulary import Route
 from router.evaluation import LabelledText, auroc, read_labelled, report_groups
 
 

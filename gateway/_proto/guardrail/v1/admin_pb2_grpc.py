@@ -146,14 +146,16 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProposals(self, request, context):
-        """Lists exemplar proposals (from the critic) waiting for review.
+        """Lists exemplar proposals (from the critic) waiting for review, one page
+        at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReviewProposal(self, request, context):
-        """Accepts (adds to the index) or rejects a proposal.
+        """Accepts (adds to the index) or rejects a proposal; the request must say
+        which.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

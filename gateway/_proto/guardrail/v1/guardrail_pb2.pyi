@@ -41,6 +41,19 @@ class FailMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAIL_MODE_CLOSED: _ClassVar[FailMode]
     FAIL_MODE_OPEN: _ClassVar[FailMode]
 
+class Route(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUTE_UNSPECIFIED: _ClassVar[Route]
+    ROUTE_ALLOW: _ClassVar[Route]
+    ROUTE_ESCALATE: _ClassVar[Route]
+    ROUTE_BLOCK: _ClassVar[Route]
+
+class CriticKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CRITIC_KIND_UNSPECIFIED: _ClassVar[CriticKind]
+    CRITIC_KIND_LLM: _ClassVar[CriticKind]
+    CRITIC_KIND_LOCAL: _ClassVar[CriticKind]
+
 class PrefilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PREFILTER_ACTION_UNSPECIFIED: _ClassVar[PrefilterAction]
@@ -64,6 +77,13 @@ CRITIC_MODE_OFF: CriticMode
 FAIL_MODE_UNSPECIFIED: FailMode
 FAIL_MODE_CLOSED: FailMode
 FAIL_MODE_OPEN: FailMode
+ROUTE_UNSPECIFIED: Route
+ROUTE_ALLOW: Route
+ROUTE_ESCALATE: Route
+ROUTE_BLOCK: Route
+CRITIC_KIND_UNSPECIFIED: CriticKind
+CRITIC_KIND_LLM: CriticKind
+CRITIC_KIND_LOCAL: CriticKind
 PREFILTER_ACTION_UNSPECIFIED: PrefilterAction
 PREFILTER_ACTION_BLOCK: PrefilterAction
 PREFILTER_ACTION_SIGNAL: PrefilterAction
@@ -163,8 +183,7 @@ class Verdict(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decided_by: _Optional[_Union[Tier, str]] = ..., risk_score: _Optional[float] = ..., escalated: _Optional[bool] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., policy: _Optional[str] = ..., index_version: _Optional[int] = ..., request_id: _Optional[str] = ..., nearest_exemplars: _Optional[_Iterable[_Union[ExemplarMatch, _Mapping]]] = ..., prefilter_hits: _Optional[_Iterable[_Union[PrefilterHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., normalizations: _Optional[_Iterable[str]] = ..., fallback_applied: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., violated_rule_ids: _Optional[_Iterable[str]] = ..., critique: _Optional[str] = ..., critic: _Optional[_Union[CriticReport, _Mapping]] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[CriticMode, str]] = ...) -> None: ...
 
 class CriticReport(_message.Message):
-    __slots__ = ("kind", "model", "rounds", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "notes")
-    KIND_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("model", "rounds", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "notes", "critic_kind")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -172,7 +191,7 @@ class CriticReport(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
-    kind: str
+    CRITIC_KIND_FIELD_NUMBER: _ClassVar[int]
     model: str
     rounds: int
     calls: int
@@ -180,7 +199,8 @@ class CriticReport(_message.Message):
     completion_tokens: int
     cost_usd: float
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[str] = ..., model: _Optional[str] = ..., rounds: _Optional[int] = ..., calls: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    critic_kind: CriticKind
+    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., calls: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., critic_kind: _Optional[_Union[CriticKind, str]] = ...) -> None: ...
 
 class Thresholds(_message.Message):
     __slots__ = ("escalate_at", "block_at")
