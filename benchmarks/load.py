@@ -44,6 +44,7 @@ import grpc
 import numpy as np
 from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT
 
+from embeddings_index.vocabulary import Label
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 
@@ -341,7 +342,7 @@ def load_profiles(data_dir: Path, seed: int) -> dict[str, list[str]]:
     profiles: dict[str, list[str]] = {"short": [], "mixed": []}
     for path in sorted(data_dir.glob("*.jsonl")):
         for row in read_labelled(path):
-            if row.label != "benign" or not row.text.strip():
+            if row.label != Label.BENIGN or not row.text.strip():
                 continue
             profiles["mixed"].append(row.text)
             if path.name == "banking77.jsonl":
