@@ -5,7 +5,7 @@ backoff and full jitter on 429, 5xx, timeouts and dropped connections
 (honouring Retry-After); a fallback through response formats an endpoint
 refuses (json_schema -> json_object -> plain text), remembered once learned.
 Every failure becomes `CriticUnavailable(reason)`. Shared by the critic and
-the upstream generator.
+the upstream generator, which may also stream (`ChatEndpoint.stream`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import openai
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from critic.types import CriticUnavailable, Deadline, Usage
 
-__all__ = ["FORMATS", "ChatEndpoint", "LLMSettings"]
+__all__ = ["FORMATS", "ChatEndpoint", "ChatStream", "LLMSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +138,36 @@ class ChatEndpoint:
                 openai.APIConnectionError,
                 openai.APIStatusError,
             ) as exc:
-                reason, retry_after = _classify(exc)
-                delay = self._backoff(attempt, retry_after)
-                if (
-                    reason == "api_error"
-                    or attempt >= self.settings.max_retries
-                    or deadline.remaining() - delay < _MIN_CALL_S
-                ):
-                    raise CriticUnavailable(reason, f"model call failed: {reason}") from exc
+                delay = self._retry_delay(exc, attempt, deadline)
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
             choice = response.choices[0] if response.choices else None
             content = (choice.message.content or "") if choice is not None else ""
             return content, self._usage(response)
+
+    def stream(
+        self, messages: list[dict[str, str]], deadline: Deadline, *, temperature: float = 0.0
+    ) -> ChatStream:
+        """The model's plain-text answer as it is generated: iterate for content deltas.
+
+        Nothing is sent until the first iteration. Failures before the first delta
+        are retried like `complete`'s; after it, none are (a retry would repeat
+        text). The deadline bounds the whole stream. See `ChatStream`.
+        """
+        return ChatStream(self, messages, deadline, temperature)
+
+    def _retry_delay(self, exc: openai.APIError, attempt: int, deadline: Deadline) -> float:
+        """The backoff before retrying after `exc`; raises when no retry is allowed."""
+        reason, retry_after = _classify(exc)
+        delay = self._backoff(attempt, retry_after)
+        if (
+            reason == "api_error"
+            or attempt >= self.settings.max_retries
+            or deadline.remaining() - delay < _MIN_CALL_S
+        ):
+            raise CriticUnavailable(reason, f"model call failed: {reason}") from exc
+        return delay
 
     def _format_kwargs(self, json_schema: dict[str, Any] | None) -> dict[str, Any]:
         if json_schema is None:
@@ -177,6 +196,117 @@ class ChatEndpoint:
             + completion_tokens * self.settings.price_completion_per_1m_usd
         ) / 1e6
         return Usage(1, prompt_tokens, completion_tokens, cost)
+
+
+class ChatStream(AsyncIterator[str]):
+    """A streamed chat completion: an async iterator of non-empty content deltas.
+
+    `usage` is None while the stream runs and is set once it has ended normally
+    (from the endpoint's final usage chunk; zero tokens if it sent none). It lives
+    on this object, not on the endpoint, so concurrent streams cannot mix usage.
+    Iterating raises `CriticUnavailable` (reason "deadline", "timeout",
+    "connection", "server_error", ...) on failure. Use `async with` (or `aclose`)
+    to release the connection when you stop reading early.
+    """
+
+    def __init__(
+        self,
+        endpoint: ChatEndpoint,
+        messages: list[dict[str, str]],
+        deadline: Deadline,
+        temperature: float,
+    ) -> None:
+        self.usage: Usage | None = None
+        self._endpoint = endpoint
+        self._messages = messages
+        self._deadline = deadline
+        self._temperature = temperature
+        self._deltas = self._run()
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream and release its connection."""
+        await self._deltas.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncGenerator[str, None]:
+        endpoint, deadline = self._endpoint, self._deadline
+        settings = endpoint.settings
+        attempt = 0
+        started = False  # a delta has been yielded: no more retries
+        while True:
+            stream: openai.AsyncStream[ChatCompletionChunk] | None = None
+            try:
+                remaining = deadline.remaining()
+                if remaining < _MIN_CALL_S:
+                    raise CriticUnavailable("deadline", "no time left before the caller's deadline")
+                # The SDK's timeout bounds each read (a stalled stream); the deadline,
+                # enforced around every await (never across a yield), bounds the whole.
+                async with asyncio.timeout(remaining):
+                    stream = await endpoint._client.chat.completions.create(
+                        model=settings.model,
+                        messages=cast(list[ChatCompletionMessageParam], self._messages),
+                        temperature=self._temperature,
+                        max_completion_tokens=settings.max_completion_tokens,
+                        timeout=min(settings.call_timeout_s, remaining),
+                        stream=True,
+                        stream_options={"include_usage": True},
+                    )
+                final: ChatCompletionChunk | None = None
+                while True:
+                    async with asyncio.timeout(max(deadline.remaining(), 0.0)):
+                        try:
+                            chunk = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    if chunk.usage is not None:
+                        final = chunk
+                    choice = chunk.choices[0] if chunk.choices else None
+                    content = choice.delta.content if choice is not None else None
+                    if content:
+                        started = True
+                        yield content
+                self.usage = endpoint._usage(final)
+                return
+            except TimeoutError as exc:
+                raise CriticUnavailable(
+                    "deadline", "the stream outlasted the caller's deadline"
+                ) from exc
+            except openai.BadRequestError as exc:
+                raise CriticUnavailable(
+                    "bad_request", f"the endpoint refused the call: {exc}"
+                ) from exc
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise CriticUnavailable("auth", "the endpoint rejected the API key") from exc
+            except openai.NotFoundError as exc:
+                raise CriticUnavailable("not_found", f"model {settings.model!r} not found") from exc
+            except openai.APIError as exc:
+                if started:
+                    reason, _ = _classify(exc)
+                    raise CriticUnavailable(
+                        reason, f"model stream failed after it began: {reason}"
+                    ) from exc
+                delay = endpoint._retry_delay(exc, attempt, deadline)
+            finally:
+                if stream is not None:
+                    await stream.close()
+            attempt += 1
+            await asyncio.sleep(delay)
 
 
 def _classify(exc: openai.APIError) -> tuple[str, float | None]:

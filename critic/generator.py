@@ -2,16 +2,17 @@
 
 Any OpenAI-compatible endpoint, configured apart from the critic's. It
 answers the user's prompt with plain text; the gateway then checks the answer.
+`generate` returns the whole answer; `generate_stream` yields it as it is written.
 """
 
 from __future__ import annotations
 
 import openai
 
-from critic.chat import ChatEndpoint, LLMSettings
+from critic.chat import ChatEndpoint, ChatStream, LLMSettings
 from critic.types import Deadline, Usage
 
-__all__ = ["Generator"]
+__all__ = ["ChatStream", "Generator"]
 
 
 class Generator:
@@ -43,11 +44,27 @@ class Generator:
         Raises:
             CriticUnavailable: the model could not answer before the deadline.
         """
-        messages = [
+        return await self._endpoint.complete(self._messages(prompt), deadline, temperature=0.7)
+
+    def generate_stream(self, prompt: str, deadline: Deadline) -> ChatStream:
+        """The model's answer to `prompt`, streamed: `async for delta in ...`.
+
+        Yields the non-empty content deltas in order; once the stream has ended,
+        the returned object's `usage` holds the calls, tokens and cost (it is per
+        stream, so concurrent requests on one generator cannot mix them). The
+        deadline bounds the whole stream; failures before the first delta are
+        retried, later ones are not (a retry would repeat text).
+
+        Raises (while iterating):
+            CriticUnavailable: the model could not answer before the deadline.
+        """
+        return self._endpoint.stream(self._messages(prompt), deadline, temperature=0.7)
+
+    def _messages(self, prompt: str) -> list[dict[str, str]]:
+        return [
             {"role": "system", "content": self._system_prompt},
             {"role": "user", "content": prompt},
         ]
-        return await self._endpoint.complete(messages, deadline, temperature=0.7)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

@@ -4,6 +4,11 @@ The real `openai` client talks to it over HTTP, so everything between the
 gateway and the wire is the production code. Each call is answered by the next
 scripted reply, or by a handler function; a call beyond the script is an
 error the test sees at teardown (`assert_no_surprises`).
+
+A request with `"stream": true` is answered as Server-Sent Events in OpenAI's
+shape (`chat.completion.chunk` objects, then `data: [DONE]`): a `streamed(...)`
+reply as its exact content deltas, any other successful completion as one
+delta. Error replies stay plain JSON, as the real API sends them.
 """
 
 from __future__ import annotations
@@ -13,21 +18,36 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeOpenAI", "Reply", "garbage", "http_error", "slow", "verdict"]
+__all__ = [
+    "FakeOpenAI",
+    "Reply",
+    "completion",
+    "garbage",
+    "http_error",
+    "slow",
+    "streamed",
+    "verdict",
+]
 
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer: an HTTP status, a body, headers, and a delay before sending."""
+    """One scripted answer: an HTTP status, a body, headers, and a delay before sending.
+
+    `chunks` (set by `streamed`) are the content deltas a stream request gets,
+    with `chunk_delay_s` between events; None streams the body's content whole.
+    """
 
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    chunks: tuple[str, ...] | None = None
+    chunk_delay_s: float = 0.0
 
 
 def completion(
@@ -49,6 +69,18 @@ def completion(
                       "total_tokens": sum(tokens)},
         },
     )  # fmt: skip
+
+
+def streamed(chunks: list[str], *, delay_s: float = 0.0) -> Reply:
+    """A completion sent to a stream request as exactly these content deltas.
+
+    `delay_s` is the pause after each content event (before the next delta or the
+    closing chunk): the first delta comes at once, so a test can make a stream
+    stall or outlast its deadline after it began. A non-stream request gets the
+    joined text as an ordinary completion.
+    """
+    base = completion("".join(chunks))
+    return replace(base, chunks=tuple(chunks), chunk_delay_s=delay_s)
 
 
 def verdict(
@@ -76,11 +108,50 @@ def garbage(text: str = "I think it is fine!! {not json") -> Reply:
 
 def slow(seconds: float, reply: Reply | None = None) -> Reply:
     """`reply` (a clean verdict by default) after `seconds`."""
-    base = reply or verdict(False)
-    return Reply(base.status, base.body, base.headers, seconds)
+    return replace(reply or verdict(False), delay_s=seconds)
 
 
 Handler = Callable[[dict[str, Any]], Reply]
+
+
+def _sse_events(reply: Reply, request: dict[str, Any]) -> list[tuple[bool, dict[str, Any]]]:
+    """The `chat.completion.chunk` objects that stream `reply`, in OpenAI's order.
+
+    A role-only first chunk, one chunk per content delta, a chunk with
+    finish_reason, and (when the request asked for `include_usage`) a last chunk
+    with no choices and the usage; while usage is asked for, the others carry
+    `"usage": null`, as the API does. Each comes with whether to pause before it
+    (it follows a content delta).
+    """
+    body = reply.body if isinstance(reply.body, dict) else {}
+    choices = body.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    finish = choices[0].get("finish_reason") or "stop"
+    deltas = list(reply.chunks) if reply.chunks is not None else [message.get("content") or ""]
+    options = request.get("stream_options") or {}
+    with_usage = bool(options.get("include_usage"))
+    base = {
+        "id": body.get("id", "chatcmpl-fake"),
+        "object": "chat.completion.chunk",
+        "created": body.get("created", int(time.time())),
+        "model": body.get("model", "fake-critic"),
+        "system_fingerprint": None,
+    }
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        event = {**base, "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ]}  # fmt: skip
+        if with_usage:
+            event["usage"] = None
+        return event
+
+    events = [(False, chunk({"role": "assistant", "content": "", "refusal": None}))]
+    events += [(i > 0, chunk({"content": text})) for i, text in enumerate(deltas)]
+    events.append((bool(deltas), chunk({}, finish)))
+    if with_usage:
+        events.append((False, {**base, "choices": [], "usage": body.get("usage")}))
+    return events
 
 
 class FakeOpenAI:
@@ -101,6 +172,9 @@ class FakeOpenAI:
                 reply = fake._next(self.path, body)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                if body.get("stream") and reply.status == 200:
+                    self._stream(reply, body)
+                    return
                 payload = json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
@@ -112,6 +186,28 @@ class FakeOpenAI:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its timeout); that is the point of slow replies
+
+            def _stream(self, reply: Reply, request: dict[str, Any]) -> None:
+                # HTTP/1.0 without a content-length: closing the connection ends the body.
+                events: list[tuple[bool, dict[str, Any] | str]] = [
+                    *_sse_events(reply, request),
+                    (False, "[DONE]"),
+                ]
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("cache-control", "no-cache")
+                    for key, value in reply.headers.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    for pause, event in events:
+                        if pause and reply.chunk_delay_s:
+                            time.sleep(reply.chunk_delay_s)
+                        data = event if isinstance(event, str) else json.dumps(event)
+                        self.wfile.write(f"data: {data}\n\n".encode())
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading (its deadline); nothing to finish
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
