@@ -15,7 +15,7 @@ import re2
 
 from critic.constitution import Constitution, Rule, Severity, Target
 
-__all__ = ["DetectorHit", "detect", "redact"]
+__all__ = ["ECHO_WORDS", "DetectorHit", "detect", "echoed_spans", "redact"]
 
 REDACTED = "[redacted]"
 
@@ -98,19 +98,54 @@ class DetectorHit:
     span: tuple[int, int]
 
 
-def detect(text: str, constitution: Constitution, *, target: Target) -> list[DetectorHit]:
-    """Every machine-checkable violation in `text` (built-in detectors and rule patterns)."""
+def detect(
+    text: str, constitution: Constitution, *, target: Target, system_prompt: str = ""
+) -> list[DetectorHit]:
+    """Every machine-checkable violation in `text` (built-in detectors and rule patterns).
+
+    With the application's `system_prompt`, a response that reproduces a run of
+    it (`ECHO_WORDS` words in a row, or all of a shorter prompt) is a
+    `system_prompt_echo.verbatim` hit, whatever the wording around it.
+    """
     rules = constitution.rules_for(target)
     hits = []
     for kind, name, pattern in _COMPILED:
         claimer = next((r for r in rules if kind in r.detectors), None)
         for match in pattern.finditer(text):
             hits.append(_hit(f"{kind}.{name}", kind, claimer, _widen(text, match.span(), kind)))
+    if system_prompt and target is Target.RESPONSE:
+        claimer = next((r for r in rules if "system_prompt_echo" in r.detectors), None)
+        for span in echoed_spans(text, system_prompt):
+            hits.append(_hit("system_prompt_echo.verbatim", "system_prompt_echo", claimer, span))
     for rule in rules:
         for pattern in rule.compiled:
             for match in pattern.finditer(text):
                 hits.append(_hit(f"pattern:{rule.id}", "", rule, _widen(text, match.span(), "")))
     return hits
+
+
+ECHO_WORDS = 8  # words of the system prompt in a row that make an echo
+_WORD = re2.compile(r"\w+", _options(False))
+
+
+def echoed_spans(text: str, system_prompt: str) -> list[tuple[int, int]]:
+    """Spans of `text` that repeat `ECHO_WORDS` or more consecutive words of
+    `system_prompt` (case and punctuation aside), merged; all of a shorter prompt counts."""
+    source = [m.group(0).lower() for m in _WORD.finditer(system_prompt)]
+    if not source:
+        return []
+    n = min(ECHO_WORDS, len(source))
+    grams = {tuple(source[i : i + n]) for i in range(len(source) - n + 1)}
+    words = [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    spans: list[list[int]] = []
+    for i in range(len(words) - n + 1):
+        if tuple(w for w, _, _ in words[i : i + n]) in grams:
+            start, end = words[i][1], words[i + n - 1][2]
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+    return [(start, end) for start, end in spans]
 
 
 def _hit(detector: str, kind: str, rule: Rule | None, span: tuple[int, int]) -> DetectorHit:

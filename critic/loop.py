@@ -132,6 +132,7 @@ async def review_response(
     fail_mode: FailMode,
     needs_judgement: bool,
     recheck: Recheck = lambda text: (),
+    system_prompt: str = "",
 ) -> Outcome:
     """Critique, revise and re-check a draft answer.
 
@@ -141,6 +142,8 @@ async def review_response(
             one, so it ends in the fail mode.
         recheck: Extra cheap checks (the gateway's prefilter) run on every revision;
             the built-in detectors run on every text, the draft included.
+        system_prompt: The application's system prompt, when the caller sent it:
+            a text that repeats it is a violation (see `detect`).
     """
     run = _Run(critic, constitution)
     text = draft
@@ -157,15 +160,21 @@ async def review_response(
             if broken:
                 run.violated.extend(broken)
                 return _block(run, constitution, "the revision breaks a prefilter rule")
-            return _fail(run, fail_mode, exc.reason, exc.message, text, constitution, draft=draft)
-        hits = detect(text, constitution, target=Target.RESPONSE)
+            return _fail(
+                run, fail_mode, exc.reason, exc.message, text, constitution, draft=draft,
+                system_prompt=system_prompt,
+            )  # fmt: skip
+        hits = detect(text, constitution, target=Target.RESPONSE, system_prompt=system_prompt)
         rechecked = recheck(text) if round_number else ()  # revisions only: critic-made text
         cheap = list(dict.fromkeys([*(h.rule_id for h in hits), *rechecked]))
         run.add(text, critique, cheap)
         if not critique.violates and not cheap:
             if critic.kind is CriticKind.LOCAL and needs_judgement:
                 reason = "the local critic checks only machine-checkable rules"
-                return _fail(run, fail_mode, "not_judged", reason, text, constitution, draft=draft)
+                return _fail(
+                    run, fail_mode, "not_judged", reason, text, constitution, draft=draft,
+                    system_prompt=system_prompt,
+                )  # fmt: skip
             verdict = Decision.ALLOW if round_number == 0 else Decision.REVISE
             return run.outcome(verdict, text, critique.explanation)
         revision = critique.revised_response or (redact(text, hits) if hits else "")
@@ -216,6 +225,7 @@ def _fail(
     constitution: Constitution,
     *,
     draft: str = "",
+    system_prompt: str = "",
 ) -> Outcome:
     """The fail mode's answer; fail-open still enforces the machine-checkable rules.
 
@@ -228,7 +238,11 @@ def _fail(
     if fail_mode is FailMode.CLOSED:
         final = constitution.safe_reply_for(run.violated) if text else ""
         return run.outcome(Decision.BLOCK, final, message, fail_reason=reason)
-    hits: list[DetectorHit] = detect(text, constitution, target=Target.RESPONSE) if text else []
+    hits: list[DetectorHit] = (
+        detect(text, constitution, target=Target.RESPONSE, system_prompt=system_prompt)
+        if text
+        else []
+    )
     if hits:
         for rule_id in dict.fromkeys(h.rule_id for h in hits):
             if rule_id not in run.violated:

@@ -18,7 +18,9 @@ __all__ = [
     "Decision",
     "FailMode",
     "Label",
+    "Role",
     "Route",
+    "StreamMode",
     "Tier",
 ]
 
@@ -82,3 +84,26 @@ class AddStatus(enum.StrEnum):
     ADDED = "added"
     DUPLICATE = "duplicate"
     NEAR_DUPLICATE = "near_duplicate"
+
+
+class Role(enum.StrEnum):
+    """Who wrote a message of a conversation; decides how it is read."""
+
+    SYSTEM = "system"  # the application's instructions: context, never scored as an attack
+    USER = "user"  # read as a prompt
+    ASSISTANT = "assistant"  # the model; last in a conversation, the answer being checked
+    TOOL = "tool"  # a tool's result: untrusted data (indirect injection)
+    DOCUMENT = "document"  # a retrieved or pasted document: untrusted data
+
+    @property
+    def is_data(self) -> bool:
+        """Whether the message is data the assistant reads, not an instruction it takes."""
+        return self in (Role.TOOL, Role.DOCUMENT)
+
+
+class StreamMode(enum.StrEnum):
+    """How a streamed answer is released while it is checked."""
+
+    HOLD_BACK = "hold_back"  # release text only once its window passed the checks
+    STREAM_FIRST = "stream_first"  # release at once; a violation stops the stream
+    AUDIT = "audit"  # release at once, never interfere, record what was found

@@ -14,13 +14,16 @@ from embeddings_index.vocabulary import (
     Decision,
     FailMode,
     Label,
+    Role,
     Route,
+    StreamMode,
     Tier,
 )
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway.runtime.admin_state import AuditEvent
 from gateway.runtime.config import Policy
+from gateway.runtime.conversation import ConversationResult
 from gateway.runtime.pipeline import CheckResult
 from router.prefilter import PrefilterHit, RuleAction
 
@@ -30,7 +33,10 @@ __all__ = [
     "FAIL_MODES",
     "LABELS",
     "LABEL_NAMES",
+    "ROLES",
+    "STREAM_MODES",
     "audit_event_to_proto",
+    "conversation_verdict_extras",
     "decision_counts_to_proto",
     "exemplar_to_proto",
     "policy_from_proto",
@@ -40,6 +46,18 @@ __all__ = [
     "verdict_to_proto",
 ]
 
+ROLES = {
+    Role.SYSTEM: pb.ROLE_SYSTEM,
+    Role.USER: pb.ROLE_USER,
+    Role.ASSISTANT: pb.ROLE_ASSISTANT,
+    Role.TOOL: pb.ROLE_TOOL,
+    Role.DOCUMENT: pb.ROLE_DOCUMENT,
+}
+STREAM_MODES = {
+    StreamMode.HOLD_BACK: pb.STREAM_MODE_HOLD_BACK,
+    StreamMode.STREAM_FIRST: pb.STREAM_MODE_STREAM_FIRST,
+    StreamMode.AUDIT: pb.STREAM_MODE_AUDIT,
+}
 DECISIONS = {
     Decision.ALLOW: pb.DECISION_ALLOW,
     Decision.BLOCK: pb.DECISION_BLOCK,
@@ -128,9 +146,10 @@ def verdict_to_proto(
         constitution=result.constitution.label,
         critic_mode=CRITIC_MODES[result.policy.critic_mode],
     )
+    violated = [*result.violated_rules, *(outcome.violated_rules if outcome else ())]
+    verdict.violated_rule_ids.extend(dict.fromkeys(violated))
     if outcome is not None:
         usage = outcome.usage
-        verdict.violated_rule_ids.extend(outcome.violated_rules)
         verdict.critique = outcome.critique
         verdict.critic.CopyFrom(
             pb.CriticReport(
@@ -274,3 +293,34 @@ def policy_from_proto(message: apb.Policy, mask: Sequence[str]) -> dict[str, Any
             value = fail_modes[value]
         changes[name] = value
     return changes
+
+
+def conversation_verdict_extras(
+    verdict: pb.Verdict,
+    result: ConversationResult | None = None,
+    *,
+    stream_mode: StreamMode | None = None,
+) -> pb.Verdict:
+    """`verdict` with what a conversation or stream check adds: the driving message,
+    the session's risk, the stream's mode."""
+    if result is not None:
+        driver = result.driver
+        verdict.driving_message.CopyFrom(
+            pb.MessageRef(
+                index=driver.index, role=ROLES[driver.role],
+                span_start=driver.span[0], span_end=driver.span[1],
+            )
+        )  # fmt: skip
+        if result.session is not None:
+            verdict.session.CopyFrom(
+                pb.SessionRisk(
+                    session_id=result.session.session_id,
+                    risk_score=result.session.risk_score,
+                    turns=result.session.turns,
+                    combined_risk_score=result.session.combined_risk_score,
+                )
+            )
+    if stream_mode is not None:
+        verdict.stream_mode = STREAM_MODES[stream_mode]
+        verdict.driving_message.CopyFrom(pb.MessageRef(index=-1, role=pb.ROLE_ASSISTANT))
+    return verdict

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 
 from critic.types import Deadline
+from embeddings_index.vocabulary import Role
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from gateway.api.convert import verdict_to_proto
-from gateway.api.interceptors import PRINCIPAL, REQUEST_ID, ServicerContext
+from gateway.api.convert import (
+    ROLES,
+    STREAM_MODES,
+    conversation_verdict_extras,
+    verdict_to_proto,
+)
+from gateway.api.interceptors import PRINCIPAL, REQUEST_ID, ServicerContext, caller_key
 from gateway.api.validation import refused_as_invalid, validated_text
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
+from gateway.runtime.conversation import ChatMessage, check_conversation
 from gateway.runtime.decision_log import LoggedDecision
-from gateway.runtime.errors import DeadlineTooShort
+from gateway.runtime.errors import DeadlineTooShort, InvalidArgument
 from gateway.runtime.pipeline import CheckResult, check_prompt, check_response, generate
+from gateway.runtime.streaming import StreamCheck, StreamEvent
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
 
@@ -87,6 +96,121 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self._record("generate", result.response or result.prompt, prompt)
         return reply
 
+    async def CheckConversation(
+        self, request: pb.CheckConversationRequest, context: ServicerContext
+    ) -> pb.CheckConversationResponse:
+        start = time.perf_counter()
+        messages = self._messages("messages", request.messages, for_stream=False)
+        session_id = _session_id(request.session_id)
+        policy = self._policy(request.policy, context)
+        deadline = self._deadline(policy, context)
+        result = await check_conversation(
+            self._gateway, messages, policy, session_id=session_id,
+            owner=caller_key(PRINCIPAL.get(), context), request_id=REQUEST_ID.get(),
+            deadline=deadline,
+        )  # fmt: skip
+        verdict = self._verdict("check_conversation", result.check, start)
+        conversation_verdict_extras(verdict, result)
+        driver = result.driver
+        logged = messages[driver.index].content if 0 <= driver.index < len(messages) else ""
+        self._record("check_conversation", result.check, logged)
+        return pb.CheckConversationResponse(
+            verdict=verdict, final_text=result.check.final_text if result.is_response else ""
+        )
+
+    async def CheckStream(
+        self, request_iterator: AsyncIterator[pb.CheckStreamRequest], context: ServicerContext
+    ) -> AsyncIterator[pb.CheckStreamResponse]:
+        start = time.perf_counter()
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("event") != "start":
+            raise InvalidArgument(
+                "start", "the first message of a stream must be `start` (policy, context, mode)"
+            )
+        context_messages = self._messages("start.context", first.start.context, for_stream=True)
+        policy = self._policy(first.start.policy, context)
+        mode = _STREAM_MODES.get(first.start.mode, policy.stream_mode)
+        check = StreamCheck(
+            self._gateway, policy, mode=mode, context=context_messages,
+            request_id=REQUEST_ID.get(), deadline=lambda: self._deadline(policy, context),
+        )  # fmt: skip
+        limit = self._gateway.config.server.max_text_chars
+        event = await check.start()
+        index = 0
+        while not event.stopped:
+            request = await anext(aiter(request_iterator), None)
+            if request is None:
+                event = await check.finish()
+                break
+            index += 1
+            if request.WhichOneof("event") != "chunk":
+                raise InvalidArgument(
+                    f"requests[{index}]", "only the first message may be `start`; send `chunk`s"
+                )
+            if len(request.chunk) > limit:
+                raise InvalidArgument(
+                    f"requests[{index}].chunk",
+                    f"is {len(request.chunk):,} characters long; the limit per chunk is {limit:,}",
+                )
+            event = await check.feed(request.chunk)
+            if event.release and not event.stopped:
+                yield pb.CheckStreamResponse(release=event.release)
+        yield self._stream_response(event, check, start)
+        if event.stopped:  # read what the client still sends, so its writes do not fail
+            async for _ in aiter(request_iterator):
+                pass
+
+    def _stream_response(
+        self, event: StreamEvent, check: StreamCheck, start: float
+    ) -> pb.CheckStreamResponse:
+        """The last response of a stream: what remains to release, or the stop; the verdict."""
+        assert event.result is not None  # the last event carries the decision
+        verdict = self._verdict("check_stream", event.result, start)
+        conversation_verdict_extras(verdict, stream_mode=check.mode)
+        self._record("check_stream", event.result, check.text)
+        return pb.CheckStreamResponse(
+            release=event.release, stopped=event.stopped, final_text=event.final_text,
+            verdict=verdict,
+        )  # fmt: skip
+
+    def _messages(
+        self, field: str, messages: Sequence[pb.Message], *, for_stream: bool
+    ) -> list[ChatMessage]:
+        """The request's messages, validated: roles set, texts within the limit, and
+        (for a conversation) something to check."""
+        settings = self._gateway.config.conversation
+        if len(messages) > settings.max_messages:
+            raise InvalidArgument(
+                field,
+                f"has {len(messages)} messages; the limit is {settings.max_messages}: send the "
+                "recent part of the conversation (earlier turns were checked when they were new)",
+            )
+        out = []
+        for i, message in enumerate(messages):
+            role = _ROLES.get(message.role)
+            if role is None:
+                raise InvalidArgument(
+                    f"{field}[{i}].role",
+                    "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL or ROLE_DOCUMENT",
+                )
+            content = message.content
+            last = i == len(messages) - 1
+            if role is Role.ASSISTANT and not (last and not for_stream):
+                content = self._text_or_empty(f"{field}[{i}].content", content)
+            else:
+                content = self._text(f"{field}[{i}].content", content)
+            out.append(ChatMessage(role, content))
+        if not for_stream and not any(m.role in _CHECKED_ROLES for m in out):
+            raise InvalidArgument(
+                field, "needs at least one user, tool or document message to check"
+            )
+        return out
+
+    def _text_or_empty(self, field: str, text: str) -> str:
+        return self._text(field, text) if text.strip() else ""
+
     def _record(self, rpc: str, result: CheckResult, text: str) -> None:
         """Count the verdict and append it to the decision log."""
         self._gateway.stats.count(
@@ -139,6 +263,22 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             result.fail_reason or "-", total_ms,
         )  # fmt: skip
         return verdict
+
+
+_ROLES = {value: key for key, value in ROLES.items()}
+_STREAM_MODES = {value: key for key, value in STREAM_MODES.items()}
+_CHECKED_ROLES = (Role.USER, Role.TOOL, Role.DOCUMENT)
+_MAX_SESSION_ID = 128
+
+
+def _session_id(session_id: str) -> str:
+    """The caller's session id, if it is one we can keep."""
+    if len(session_id) > _MAX_SESSION_ID or not session_id.isprintable():
+        raise InvalidArgument(
+            "session_id",
+            f"must be at most {_MAX_SESSION_ID} printable characters (a UUID fits)",
+        )
+    return session_id
 
 
 def _metadata(context: ServicerContext, key: str) -> str:

@@ -9,10 +9,11 @@ becomes INVALID_ARGUMENT instead of gRPC's generic deserialisation failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -29,7 +30,9 @@ from gateway.runtime.errors import (
     Unauthenticated,
 )
 
-__all__ = ["PRINCIPAL", "REQUEST_ID", "GatewayInterceptor", "ServicerContext"]
+__all__ = [
+    "PRINCIPAL", "REQUEST_ID", "GatewayInterceptor", "ServicerContext", "caller_key",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,13 @@ PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar(
 ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 Behavior: TypeAlias = Callable[[Any, ServicerContext], Awaitable[Any]]
+StreamBehavior: TypeAlias = Callable[[AsyncIterator[Any], ServicerContext], AsyncIterator[Any]]
 
 _UNDECODABLE = object()
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps the unary handlers of the check and admin services.
+    """Wraps the unary handlers of the check and admin services, and the check streams.
 
     Args:
         check_services: Services whose calls count against `max_concurrent` and
@@ -94,11 +98,15 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else ""
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or service not in self._check | self._admin
-        ):
+        if handler is None or service not in self._check | self._admin:
+            return handler
+        if handler.stream_stream is not None and service in self._check:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(cast(StreamBehavior, handler.stream_stream)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(cast(Behavior, handler.unary_unary), admin=service in self._admin),
@@ -125,50 +133,70 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _wrap(self, behavior: Behavior, *, admin: bool) -> Behavior:
         async def wrapper(request: Any, context: ServicerContext) -> Any:
-            metadata = {
-                k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
-            }
-            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
-            token = REQUEST_ID.set(request_id)
-            counted = not admin
-            self._in_flight += counted
-            caller: str | None = None
-            try:
-                principal = self._authorize(metadata, admin=admin)
-                principal_token = PRINCIPAL.set(principal)
-                try:
-                    if request is _UNDECODABLE:
-                        raise InvalidArgument(
-                            "request",
-                            "the message could not be decoded; strings must be valid UTF-8",
-                        )
-                    if counted and self._in_flight > self._max_concurrent:
-                        raise Overloaded(
-                            f"more than {self._max_concurrent} checks in flight; retry with backoff",
-                            scope="server",
-                        )
-                    if counted and self._max_per_caller > 0:
-                        caller = self._admit_caller(principal, context)
-                    return await behavior(request, context)
-                finally:
-                    PRINCIPAL.reset(principal_token)
-            except GatewayError as exc:
-                await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(exc)))
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception:
-                log.exception("unexpected error in request %s", request_id)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error; quote request id {request_id} when reporting it",
-                )
-            finally:
-                self._in_flight -= counted
-                if caller is not None:
-                    self._release_caller(caller)
-                REQUEST_ID.reset(token)
+            async with self._admitted(context, admin=admin):
+                if request is _UNDECODABLE:
+                    raise InvalidArgument(
+                        "request", "the message could not be decoded; strings must be valid UTF-8"
+                    )
+                return await behavior(request, context)
+            raise AssertionError("unreachable: an error ends the call with its status")
 
         return wrapper
+
+    def _wrap_stream(self, behavior: StreamBehavior) -> StreamBehavior:
+        """A bidirectional check stream: admitted and counted like a unary check for as
+        long as it is open; its errors end it with their status."""
+
+        async def wrapper(
+            requests: AsyncIterator[Any], context: ServicerContext
+        ) -> AsyncIterator[Any]:
+            async with self._admitted(context, admin=False):
+                async for response in behavior(_decoded(requests), context):
+                    yield response
+
+        return wrapper
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: ServicerContext, *, admin: bool) -> AsyncIterator[None]:
+        """Request id, credentials and load shedding around one call; a `GatewayError`
+        raised inside becomes its status, any other exception INTERNAL."""
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
+        token = REQUEST_ID.set(request_id)
+        counted = not admin
+        self._in_flight += counted
+        caller: str | None = None
+        try:
+            principal = self._authorize(metadata, admin=admin)
+            principal_token = PRINCIPAL.set(principal)
+            try:
+                if counted and self._in_flight > self._max_concurrent:
+                    raise Overloaded(
+                        f"more than {self._max_concurrent} checks in flight; retry with backoff",
+                        scope="server",
+                    )
+                if counted and self._max_per_caller > 0:
+                    caller = self._admit_caller(principal, context)
+                yield
+            finally:
+                with contextlib.suppress(ValueError):  # reset in another context
+                    PRINCIPAL.reset(principal_token)
+        except GatewayError as exc:
+            await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(exc)))
+        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            log.exception("unexpected error in request %s", request_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error; quote request id {request_id} when reporting it",
+            )
+        finally:
+            self._in_flight -= counted
+            if caller is not None:
+                self._release_caller(caller)
+            with contextlib.suppress(ValueError):
+                REQUEST_ID.reset(token)
 
     def _admit_caller(self, principal: Principal, context: ServicerContext) -> str:
         """Count one more check in flight for the caller, or refuse it if it has its share.
@@ -176,7 +204,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         Raises:
             Overloaded: the caller already has `max_per_caller` checks in flight.
         """
-        caller = _caller_key(principal, context)
+        caller = caller_key(principal, context)
         held = self._in_flight_by_caller.get(caller, 0)
         if held >= self._max_per_caller:
             raise Overloaded(
@@ -193,7 +221,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._in_flight_by_caller[caller] = held
 
 
-def _caller_key(principal: Principal, context: ServicerContext) -> str:
+def caller_key(principal: Principal, context: ServicerContext) -> str:
     """Who shares a per-caller cap: one credential, else one peer address (any port)."""
     if principal.role is not Role.ANONYMOUS:
         return f"{principal.role.value}:{principal.name}"
@@ -202,6 +230,16 @@ def _caller_key(principal: Principal, context: ServicerContext) -> str:
     if kind in ("ipv4", "ipv6"):
         address = address.rsplit(":", 1)[0]  # the port changes with every connection
     return f"peer:{kind}:{address}"
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The stream's requests; an undecodable one ends the stream with INVALID_ARGUMENT."""
+    async for request in requests:
+        if request is _UNDECODABLE:
+            raise InvalidArgument(
+                "request", "a message could not be decoded; strings must be valid UTF-8"
+            )
+        yield request
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

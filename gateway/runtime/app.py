@@ -31,11 +31,12 @@ from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
 from gateway.runtime.admin_state import AdminState
 from gateway.runtime.auth import Credentials, Principal, Role
-from gateway.runtime.config import Config, Policy
+from gateway.runtime.config import Config, ConversationConfig, Policy
 from gateway.runtime.decision_log import DecisionLog
 from gateway.runtime.embedding import make_embedder
 from gateway.runtime.errors import PermissionDenied, PolicyNotFound
 from gateway.runtime.policies import PolicyRegistry
+from gateway.runtime.sessions import SessionStore
 from gateway.runtime.stats import TrafficStats
 from router.normalize import NormalizationLimits, TextRejected, normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
@@ -69,6 +70,7 @@ class Gateway:
     route_cache: LRUCache[tuple[Any, ...], RouteResult] = field(default_factory=lambda: LRUCache(0))
     generator: Generator | None = None
     tier0_executor: ThreadPoolExecutor | None = None
+    sessions: SessionStore = field(default_factory=lambda: _sessions(ConversationConfig()))
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -159,6 +161,7 @@ class Gateway:
             generator=generator,
             tier0_executor=tier0,
             route_cache=LRUCache(config.embedding.route_cache_size),
+            sessions=_sessions(config.conversation),
         )
 
     def resolve_policy(self, *names: str, principal: Principal | None = None) -> Policy:
@@ -229,3 +232,12 @@ class Gateway:
         self.records.close()
         self.decisions.close()
         self.admin_state.close()
+
+
+def _sessions(settings: ConversationConfig) -> SessionStore:
+    return SessionStore(
+        max_sessions=settings.max_sessions,
+        ttl_s=settings.session_ttl_s,
+        turns_kept=settings.session_turns,
+        decay=settings.session_decay,
+    )

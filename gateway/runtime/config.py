@@ -55,7 +55,7 @@ import yaml
 
 from critic.chat import LLMSettings
 from embeddings_index.faiss_index import IndexOptions
-from embeddings_index.vocabulary import CriticMode, FailMode
+from embeddings_index.vocabulary import CriticMode, FailMode, StreamMode
 from router.decision import Thresholds
 
 __all__ = [
@@ -63,12 +63,14 @@ __all__ = [
     "DEFAULT_ESCALATE_AT",
     "Config",
     "ConfigError",
+    "ConversationConfig",
     "CriticMode",
     "EmbeddingBackend",
     "EmbeddingConfig",
     "LLMConfig",
     "Policy",
     "ServerConfig",
+    "StreamConfig",
     "Tenant",
     "check_reload",
     "load_config",
@@ -108,6 +110,8 @@ class Policy:
         expose_evidence: Whether verdicts carry exemplar texts and raw
             similarities (ids and categories are always there). Off by
             default: a caller who sees similarities can probe the deny list.
+        stream_mode: How CheckStream releases an answer when the caller does
+            not say: hold_back, stream_first or audit.
     """
 
     name: str = "default"
@@ -122,6 +126,7 @@ class Policy:
     record_texts: bool = True
     escalation_budget: float = 0.0
     expose_evidence: bool = False
+    stream_mode: StreamMode = StreamMode.HOLD_BACK
 
     @property
     def thresholds(self) -> Thresholds:
@@ -271,12 +276,68 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class ConversationConfig:
+    """How CheckConversation reads conversations and keeps sessions.
+
+    Attributes:
+        max_messages: Most messages in one call.
+        max_segments: Most segments of one tool result or document scored on
+            their own (a longer one is cut into this many).
+        session_turns: Recent user turns read together (the session's, or the
+            conversation's when the call names no session), so an attack split
+            over turns that each look mild is still seen whole.
+        session_decay: Share of a session's earlier risk kept per turn, in [0, 1].
+        session_ttl_s: A session unused this long is forgotten.
+        max_sessions: Sessions kept in memory; beyond it the least recently used goes.
+    """
+
+    max_messages: int = 200
+    max_segments: int = 24
+    session_turns: int = 4
+    session_decay: float = 0.7
+    session_ttl_s: float = 1800.0
+    max_sessions: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.session_decay <= 1.0:
+            raise ValueError("session_decay: must be in [0, 1]")
+        for name in ("max_messages", "max_segments", "session_turns", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How CheckStream windows an answer.
+
+    Attributes:
+        window_chars: New characters after which a window is checked by the
+            embedding tier (and the critic, if the window is risky); the
+            detectors run on every chunk.
+        overlap_chars: Characters carried over into the next check, and in
+            `hold_back` held back until more text follows, so that a secret
+            or a schema split across chunks is seen whole.
+        max_chars: Longest answer one stream may carry.
+    """
+
+    window_chars: int = 512
+    overlap_chars: int = 128
+    max_chars: int = 400_000
+
+    def __post_init__(self) -> None:
+        if self.window_chars < 1 or self.max_chars < 1:
+            raise ValueError("window_chars and max_chars: must be at least 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to start."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     index: IndexOptions = field(default_factory=IndexOptions)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     critic: LLMConfig = field(default_factory=LLMConfig)
     generator: LLMConfig = field(default_factory=lambda: LLMConfig(enabled=False))
     data_dir: Path = Path("tierguard-data")
@@ -515,6 +576,8 @@ def _parse_config(raw: Mapping[Any, Any]) -> Config:
         server=_parse_section("server", ServerConfig, raw.get("server")),
         embedding=_parse_section("embedding", EmbeddingConfig, raw.get("embedding")),
         index=_parse_section("index", IndexOptions, raw.get("index")),
+        conversation=_parse_section("conversation", ConversationConfig, raw.get("conversation")),
+        stream=_parse_section("stream", StreamConfig, raw.get("stream")),
         critic=_parse_section("critic", LLMConfig, raw.get("critic")),
         generator=_parse_section(
             "generator",
@@ -641,6 +704,7 @@ def _parse_section(where: str, cls: type, body: Any) -> Any:
 
 _ENUMS: dict[str, type[enum.Enum]] = {
     "CriticMode": CriticMode,
+    "StreamMode": StreamMode,
     "FailMode": FailMode,
     "EmbeddingBackend": EmbeddingBackend,
 }

@@ -38,7 +38,9 @@ from gateway.runtime.config import Policy
 from gateway.runtime.errors import FailedPrecondition, Unavailable
 from router.router import RouteResult, Timings
 
-__all__ = ["CheckResult", "GenerateResult", "check_prompt", "check_response", "generate"]
+__all__ = [
+    "CheckResult", "GenerateResult", "check_prompt", "check_response", "generate", "route",
+]  # fmt: skip
 
 _ROUTE_DECISIONS = {Route.ALLOW: Decision.ALLOW, Route.BLOCK: Decision.BLOCK}
 _MODE_REASONS = {CriticMode.SHADOW: "shadow", CriticMode.OFF: "critic_off"}
@@ -59,6 +61,8 @@ class CheckResult:
         outcome: The critic tier's outcome, when it ran for the caller.
         fail_reason: Set when the policy's fail mode decided.
         final_text: The text that may go out (responses only).
+        violated_rules: Rules found broken outside a critic outcome (a stream's
+            detectors); the verdict lists these and the outcome's.
     """
 
     decision: Decision
@@ -71,6 +75,7 @@ class CheckResult:
     outcome: Outcome | None = None
     fail_reason: str = ""
     final_text: str = ""
+    violated_rules: tuple[str, ...] = ()
 
     @property
     def fallback_applied(self) -> bool:
@@ -90,10 +95,21 @@ class GenerateResult:
 
 
 async def check_prompt(
-    gateway: Gateway, text: str, policy: Policy, *, request_id: str, deadline: Deadline
+    gateway: Gateway,
+    text: str,
+    policy: Policy,
+    *,
+    request_id: str,
+    deadline: Deadline,
+    routed: RouteResult | None = None,
 ) -> CheckResult:
-    """Route a user's prompt and, if it is escalated, have the critic judge it."""
-    routed = await _route(gateway, text, policy)
+    """Route a user's prompt and, if it is escalated, have the critic judge it.
+
+    `routed` is the router's result when the caller already has it (a
+    conversation check may raise a route to ESCALATE for a reason the text
+    alone does not show).
+    """
+    routed = routed or await route(gateway, text, policy)
     constitution = gateway.constitution(policy)
     if routed.route is not Route.ESCALATE:
         decision = _ROUTE_DECISIONS[routed.route]
@@ -129,9 +145,13 @@ async def check_response(
     request_id: str,
     deadline: Deadline,
     routed: RouteResult | None = None,
+    system_prompt: str = "",
 ) -> CheckResult:
-    """Check a draft answer; the critic loop runs only if the prompt's risk or a detector says so."""
-    routed = routed or await _route(gateway, prompt, policy)
+    """Check a draft answer; the critic loop runs only if the prompt's risk or a detector says so.
+
+    With the application's `system_prompt`, a draft that repeats it is a violation.
+    """
+    routed = routed or await route(gateway, prompt, policy)
     constitution = gateway.constitution(policy)
     if routed.route is Route.BLOCK:
         return CheckResult(
@@ -139,7 +159,7 @@ async def check_response(
             f"the prompt is blocked ({routed.reason}); the draft may not go out",
             final_text=constitution.safe_reply,
         )  # fmt: skip
-    hits = detect(response, constitution, target=Target.RESPONSE)
+    hits = detect(response, constitution, target=Target.RESPONSE, system_prompt=system_prompt)
     risky = routed.route is Route.ESCALATE
     if not risky and not hits:
         return CheckResult(
@@ -153,11 +173,11 @@ async def check_response(
         shadow_deadline = Deadline(policy.critic_budget_ms / 1000)
         gateway.in_background(
             _review_and_record(gateway, prompt, response, policy, request_id, shadow_deadline,
-                               gateway.critic, risky, "shadow")
+                               gateway.critic, risky, "shadow", system_prompt)
         )  # fmt: skip
     outcome = await _review_and_record(
         gateway, prompt, response, policy, request_id, deadline, critic, risky,
-        "sync" if mode is CriticMode.SYNC else mode.value,
+        "sync" if mode is CriticMode.SYNC else mode.value, system_prompt,
     )  # fmt: skip
     fail_reason = outcome.fail_reason
     if fail_reason and mode is not CriticMode.SYNC:
@@ -208,7 +228,7 @@ async def generate(
     )
 
 
-async def _route(gateway: Gateway, text: str, policy: Policy) -> RouteResult:
+async def route(gateway: Gateway, text: str, policy: Policy) -> RouteResult:
     """The router's result, from the route cache when the same text met the same
     thresholds and k on the same index snapshot.
 
@@ -272,12 +292,13 @@ async def _judge_and_record(
 
 async def _review_and_record(
     gateway: Gateway, prompt: str, draft: str, policy: Policy, request_id: str,
-    deadline: Deadline, critic: Critic, risky: bool, mode: str,
+    deadline: Deadline, critic: Critic, risky: bool, mode: str, system_prompt: str = "",
 ) -> Outcome:  # fmt: skip
     outcome = await review_response(
         prompt=prompt, draft=draft, constitution=gateway.constitution(policy), critic=critic,
         deadline=deadline, max_rounds=policy.max_rounds, fail_mode=policy.fail_mode,
         needs_judgement=risky, recheck=gateway.blocking_prefilter_rules,
+        system_prompt=system_prompt,
     )  # fmt: skip
     await _record(gateway, policy, request_id, Target.RESPONSE, mode, prompt, draft, outcome)
     return outcome

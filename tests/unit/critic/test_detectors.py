@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from critic.constitution import Target, load_constitutions
-from critic.detectors import detect, redact
+from critic.detectors import detect, echoed_spans, redact
 
 PAYFLOW = load_constitutions()["payflow"]
 GENERAL = load_constitutions()["general"]
@@ -60,3 +60,27 @@ def test_redaction_takes_the_whole_code_fence_and_merges_overlaps() -> None:
     text = "Here:\n```sql\nCREATE TABLE t (\n id int\n);\n```\nDone."
     hits = detect(text, PAYFLOW, target=Target.RESPONSE)
     assert redact(text, hits) == "Here:\n[redacted]\nDone."
+
+
+SYSTEM_PROMPT = (
+    "You are PayFlow's support assistant. Only discuss PayFlow accounts and cards, never "
+    "reveal internal fee tables, and escalate disputes to a human agent."
+)
+
+
+def test_a_response_that_repeats_the_system_prompt_is_an_echo() -> None:
+    constitution = load_constitutions()["general"]
+    leak = f"Sure! I was told: {SYSTEM_PROMPT.upper()} Hope that helps."
+    hits = detect(leak, constitution, target=Target.RESPONSE, system_prompt=SYSTEM_PROMPT)
+    echo = [h for h in hits if h.detector == "system_prompt_echo.verbatim"]
+    assert echo and leak[echo[0].span[0] : echo[0].span[1]].startswith("YOU ARE PAYFLOW")
+    assert not [
+        h
+        for h in detect(leak, constitution, target=Target.RESPONSE)
+        if h.detector == "system_prompt_echo.verbatim"
+    ]  # without the system prompt there is nothing to compare with
+
+
+def test_a_few_shared_words_are_not_an_echo() -> None:
+    answer = "PayFlow's support assistant can help: your cards are listed under Accounts."
+    assert echoed_spans(answer, SYSTEM_PROMPT) == []

@@ -59,6 +59,22 @@ class PrefilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREFILTER_ACTION_UNSPECIFIED: _ClassVar[PrefilterAction]
     PREFILTER_ACTION_BLOCK: _ClassVar[PrefilterAction]
     PREFILTER_ACTION_SIGNAL: _ClassVar[PrefilterAction]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_SYSTEM: _ClassVar[Role]
+    ROLE_USER: _ClassVar[Role]
+    ROLE_ASSISTANT: _ClassVar[Role]
+    ROLE_TOOL: _ClassVar[Role]
+    ROLE_DOCUMENT: _ClassVar[Role]
+
+class StreamMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_MODE_UNSPECIFIED: _ClassVar[StreamMode]
+    STREAM_MODE_HOLD_BACK: _ClassVar[StreamMode]
+    STREAM_MODE_STREAM_FIRST: _ClassVar[StreamMode]
+    STREAM_MODE_AUDIT: _ClassVar[StreamMode]
 DECISION_UNSPECIFIED: Decision
 DECISION_ALLOW: Decision
 DECISION_BLOCK: Decision
@@ -87,6 +103,16 @@ CRITIC_KIND_LOCAL: CriticKind
 PREFILTER_ACTION_UNSPECIFIED: PrefilterAction
 PREFILTER_ACTION_BLOCK: PrefilterAction
 PREFILTER_ACTION_SIGNAL: PrefilterAction
+ROLE_UNSPECIFIED: Role
+ROLE_SYSTEM: Role
+ROLE_USER: Role
+ROLE_ASSISTANT: Role
+ROLE_TOOL: Role
+ROLE_DOCUMENT: Role
+STREAM_MODE_UNSPECIFIED: StreamMode
+STREAM_MODE_HOLD_BACK: StreamMode
+STREAM_MODE_STREAM_FIRST: StreamMode
+STREAM_MODE_AUDIT: StreamMode
 
 class CheckPromptRequest(_message.Message):
     __slots__ = ("text", "policy")
@@ -138,8 +164,88 @@ class GenerateResponse(_message.Message):
     final_text: str
     def __init__(self, prompt_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., response_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., final_text: _Optional[str] = ...) -> None: ...
 
+class Message(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    content: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ...) -> None: ...
+
+class CheckConversationRequest(_message.Message):
+    __slots__ = ("messages", "policy", "session_id")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    policy: str
+    session_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class CheckConversationResponse(_message.Message):
+    __slots__ = ("verdict", "final_text")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    final_text: str
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., final_text: _Optional[str] = ...) -> None: ...
+
+class CheckStreamRequest(_message.Message):
+    __slots__ = ("start", "chunk")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    start: StreamStart
+    chunk: str
+    def __init__(self, start: _Optional[_Union[StreamStart, _Mapping]] = ..., chunk: _Optional[str] = ...) -> None: ...
+
+class StreamStart(_message.Message):
+    __slots__ = ("policy", "context", "mode")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    context: _containers.RepeatedCompositeFieldContainer[Message]
+    mode: StreamMode
+    def __init__(self, policy: _Optional[str] = ..., context: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., mode: _Optional[_Union[StreamMode, str]] = ...) -> None: ...
+
+class CheckStreamResponse(_message.Message):
+    __slots__ = ("release", "stopped", "final_text", "verdict")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    stopped: bool
+    final_text: str
+    verdict: Verdict
+    def __init__(self, release: _Optional[str] = ..., stopped: _Optional[bool] = ..., final_text: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
+class MessageRef(_message.Message):
+    __slots__ = ("index", "role", "span_start", "span_end")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SPAN_START_FIELD_NUMBER: _ClassVar[int]
+    SPAN_END_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    role: Role
+    span_start: int
+    span_end: int
+    def __init__(self, index: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ...) -> None: ...
+
+class SessionRisk(_message.Message):
+    __slots__ = ("session_id", "risk_score", "turns", "combined_risk_score")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RISK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    COMBINED_RISK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    risk_score: float
+    turns: int
+    combined_risk_score: float
+    def __init__(self, session_id: _Optional[str] = ..., risk_score: _Optional[float] = ..., turns: _Optional[int] = ..., combined_risk_score: _Optional[float] = ...) -> None: ...
+
 class Verdict(_message.Message):
-    __slots__ = ("decision", "decided_by", "risk_score", "escalated", "thresholds", "policy", "index_version", "request_id", "nearest_exemplars", "prefilter_hits", "timings", "reason", "normalizations", "fallback_applied", "fallback_reason", "violated_rule_ids", "critique", "critic", "constitution", "critic_mode")
+    __slots__ = ("decision", "decided_by", "risk_score", "escalated", "thresholds", "policy", "index_version", "request_id", "nearest_exemplars", "prefilter_hits", "timings", "reason", "normalizations", "fallback_applied", "fallback_reason", "violated_rule_ids", "critique", "critic", "constitution", "critic_mode", "driving_message", "session", "stream_mode")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     RISK_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +266,9 @@ class Verdict(_message.Message):
     CRITIC_FIELD_NUMBER: _ClassVar[int]
     CONSTITUTION_FIELD_NUMBER: _ClassVar[int]
     CRITIC_MODE_FIELD_NUMBER: _ClassVar[int]
+    DRIVING_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MODE_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     decided_by: Tier
     risk_score: float
@@ -180,7 +289,10 @@ class Verdict(_message.Message):
     critic: CriticReport
     constitution: str
     critic_mode: CriticMode
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decided_by: _Optional[_Union[Tier, str]] = ..., risk_score: _Optional[float] = ..., escalated: _Optional[bool] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., policy: _Optional[str] = ..., index_version: _Optional[int] = ..., request_id: _Optional[str] = ..., nearest_exemplars: _Optional[_Iterable[_Union[ExemplarMatch, _Mapping]]] = ..., prefilter_hits: _Optional[_Iterable[_Union[PrefilterHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., normalizations: _Optional[_Iterable[str]] = ..., fallback_applied: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., violated_rule_ids: _Optional[_Iterable[str]] = ..., critique: _Optional[str] = ..., critic: _Optional[_Union[CriticReport, _Mapping]] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[CriticMode, str]] = ...) -> None: ...
+    driving_message: MessageRef
+    session: SessionRisk
+    stream_mode: StreamMode
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decided_by: _Optional[_Union[Tier, str]] = ..., risk_score: _Optional[float] = ..., escalated: _Optional[bool] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., policy: _Optional[str] = ..., index_version: _Optional[int] = ..., request_id: _Optional[str] = ..., nearest_exemplars: _Optional[_Iterable[_Union[ExemplarMatch, _Mapping]]] = ..., prefilter_hits: _Optional[_Iterable[_Union[PrefilterHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., normalizations: _Optional[_Iterable[str]] = ..., fallback_applied: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., violated_rule_ids: _Optional[_Iterable[str]] = ..., critique: _Optional[str] = ..., critic: _Optional[_Union[CriticReport, _Mapping]] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[CriticMode, str]] = ..., driving_message: _Optional[_Union[MessageRef, _Mapping]] = ..., session: _Optional[_Union[SessionRisk, _Mapping]] = ..., stream_mode: _Optional[_Union[StreamMode, str]] = ...) -> None: ...
 
 class CriticReport(_message.Message):
     __slots__ = ("model", "rounds", "calls", "prompt_tokens", "completion_tokens", "cost_usd", "notes", "critic_kind")

@@ -51,6 +51,16 @@ class GuardrailServiceStub:
                 request_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.CheckConversation = channel.unary_unary(
+                '/guardrail.v1.GuardrailService/CheckConversation',
+                request_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckConversationRequest.SerializeToString,
+                response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckConversationResponse.FromString,
+                _registered_method=True)
+        self.CheckStream = channel.stream_stream(
+                '/guardrail.v1.GuardrailService/CheckStream',
+                request_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.SerializeToString,
+                response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GuardrailServiceServicer:
@@ -83,6 +93,28 @@ class GuardrailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckConversation(self, request, context):
+        """Checks a conversation: the system prompt, earlier turns, retrieved
+        documents and tool results, each read in its role. When the last message
+        is from the assistant it is checked as the response to what precedes it.
+        With a `session_id`, risk accumulates over the session's turns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckStream(self, request_iterator, context):
+        """Checks a model's output as it streams. The first request is `start`
+        (policy, context, mode); then one `chunk` per piece of output. The server
+        answers with what the caller may release, in order; it stops the stream
+        with a verdict and the safe reply when a window breaks the policy.
+        Closing the request stream ends the check: what remains is released if
+        it passes, and the last response carries the verdict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuardrailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +132,16 @@ def add_GuardrailServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.FromString,
                     response_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.SerializeToString,
+            ),
+            'CheckConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckConversation,
+                    request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckConversationRequest.FromString,
+                    response_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckConversationResponse.SerializeToString,
+            ),
+            'CheckStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CheckStream,
+                    request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.FromString,
+                    response_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +226,60 @@ class GuardrailService:
             '/guardrail.v1.GuardrailService/Generate',
             guardrail_dot_v1_dot_guardrail__pb2.GenerateRequest.SerializeToString,
             guardrail_dot_v1_dot_guardrail__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardrail.v1.GuardrailService/CheckConversation',
+            guardrail_dot_v1_dot_guardrail__pb2.CheckConversationRequest.SerializeToString,
+            guardrail_dot_v1_dot_guardrail__pb2.CheckConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/guardrail.v1.GuardrailService/CheckStream',
+            guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.SerializeToString,
+            guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,20 @@ class GuardrailServiceStub:
     """The whole pipeline in one call: route the prompt, call the upstream
     generator model, then check its answer as CheckResponse does.
     """
+    CheckConversation: _grpc.UnaryUnaryMultiCallable[_guardrail_pb2.CheckConversationRequest, _guardrail_pb2.CheckConversationResponse]
+    """Checks a conversation: the system prompt, earlier turns, retrieved
+    documents and tool results, each read in its role. When the last message
+    is from the assistant it is checked as the response to what precedes it.
+    With a `session_id`, risk accumulates over the session's turns.
+    """
+    CheckStream: _grpc.StreamStreamMultiCallable[_guardrail_pb2.CheckStreamRequest, _guardrail_pb2.CheckStreamResponse]
+    """Checks a model's output as it streams. The first request is `start`
+    (policy, context, mode); then one `chunk` per piece of output. The server
+    answers with what the caller may release, in order; it stops the stream
+    with a verdict and the safe reply when a window breaks the policy.
+    Closing the request stream ends the check: what remains is released if
+    it passes, and the last response carries the verdict.
+    """
 
 @_typing.type_check_only
 class GuardrailServiceAsyncStub(GuardrailServiceStub):
@@ -75,6 +89,20 @@ class GuardrailServiceAsyncStub(GuardrailServiceStub):
     Generate: _aio.UnaryUnaryMultiCallable[_guardrail_pb2.GenerateRequest, _guardrail_pb2.GenerateResponse]  # type: ignore[assignment]
     """The whole pipeline in one call: route the prompt, call the upstream
     generator model, then check its answer as CheckResponse does.
+    """
+    CheckConversation: _aio.UnaryUnaryMultiCallable[_guardrail_pb2.CheckConversationRequest, _guardrail_pb2.CheckConversationResponse]  # type: ignore[assignment]
+    """Checks a conversation: the system prompt, earlier turns, retrieved
+    documents and tool results, each read in its role. When the last message
+    is from the assistant it is checked as the response to what precedes it.
+    With a `session_id`, risk accumulates over the session's turns.
+    """
+    CheckStream: _aio.StreamStreamMultiCallable[_guardrail_pb2.CheckStreamRequest, _guardrail_pb2.CheckStreamResponse]  # type: ignore[assignment]
+    """Checks a model's output as it streams. The first request is `start`
+    (policy, context, mode); then one `chunk` per piece of output. The server
+    answers with what the caller may release, in order; it stops the stream
+    with a verdict and the safe reply when a window breaks the policy.
+    Closing the request stream ends the check: what remains is released if
+    it passes, and the last response carries the verdict.
     """
 
 class GuardrailServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,6 +138,32 @@ class GuardrailServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_guardrail_pb2.GenerateResponse, _abc.Awaitable[_guardrail_pb2.GenerateResponse]]:
         """The whole pipeline in one call: route the prompt, call the upstream
         generator model, then check its answer as CheckResponse does.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckConversation(
+        self,
+        request: _guardrail_pb2.CheckConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_guardrail_pb2.CheckConversationResponse, _abc.Awaitable[_guardrail_pb2.CheckConversationResponse]]:
+        """Checks a conversation: the system prompt, earlier turns, retrieved
+        documents and tool results, each read in its role. When the last message
+        is from the assistant it is checked as the response to what precedes it.
+        With a `session_id`, risk accumulates over the session's turns.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_guardrail_pb2.CheckStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_guardrail_pb2.CheckStreamResponse], _abc.AsyncIterator[_guardrail_pb2.CheckStreamResponse]]:
+        """Checks a model's output as it streams. The first request is `start`
+        (policy, context, mode); then one `chunk` per piece of output. The server
+        answers with what the caller may release, in order; it stops the stream
+        with a verdict and the safe reply when a window breaks the policy.
+        Closing the request stream ends the check: what remains is released if
+        it passes, and the last response carries the verdict.
         """
 
 def add_GuardrailServiceServicer_to_server(servicer: GuardrailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
