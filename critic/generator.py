@@ -34,6 +34,11 @@ class Generator:
         self._system_prompt = system_prompt
 
     @property
+    def system_prompt(self) -> str:
+        """The application's instructions to its model (a stream check compares against it)."""
+        return self._system_prompt
+
+    @property
     def model(self) -> str:
         """The upstream model's name."""
         return self._endpoint.settings.model

@@ -259,12 +259,13 @@ def policy_to_proto(policy: Policy, *, origin: str) -> apb.Policy:
         expose_evidence=policy.expose_evidence,
         escalation_budget=policy.escalation_budget,
         policy_origin=_ORIGINS[origin],
+        stream_mode=STREAM_MODES[policy.stream_mode],
     )
 
 
 _MASKABLE = {
     "escalate_at", "block_at", "k", "constitution", "critic_mode", "fail_mode", "max_rounds",
-    "critic_budget_ms", "record_texts", "expose_evidence", "escalation_budget",
+    "critic_budget_ms", "record_texts", "expose_evidence", "escalation_budget", "stream_mode",
 }  # fmt: skip
 
 
@@ -291,6 +292,11 @@ def policy_from_proto(message: apb.Policy, mask: Sequence[str]) -> dict[str, Any
             if value not in fail_modes:
                 raise ValueError("fail_mode: must be CLOSED or OPEN")
             value = fail_modes[value]
+        elif name == "stream_mode":
+            stream_modes = {v: k.value for k, v in STREAM_MODES.items()}
+            if value not in stream_modes:
+                raise ValueError("stream_mode: must be HOLD_BACK, STREAM_FIRST or AUDIT")
+            value = stream_modes[value]
         changes[name] = value
     return changes
 

@@ -24,7 +24,7 @@ from gateway.runtime.conversation import ChatMessage, check_conversation
 from gateway.runtime.decision_log import LoggedDecision
 from gateway.runtime.errors import DeadlineTooShort, InvalidArgument
 from gateway.runtime.pipeline import CheckResult, check_prompt, check_response, generate
-from gateway.runtime.streaming import StreamCheck, StreamEvent
+from gateway.runtime.streaming import StreamCheck, StreamEvent, generate_stream
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
 
@@ -161,6 +161,37 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         if event.stopped:  # read what the client still sends, so its writes do not fail
             async for _ in aiter(request_iterator):
                 pass
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        start = time.perf_counter()
+        prompt = self._text("prompt", request.prompt)
+        policy = self._policy(request.policy, context)
+        mode = _STREAM_MODES.get(request.mode, policy.stream_mode)
+        with refused_as_invalid("prompt"):
+            async for event in generate_stream(
+                self._gateway, prompt, policy, mode=mode, request_id=REQUEST_ID.get(),
+                deadline=lambda: self._deadline(policy, context),
+            ):  # fmt: skip
+                reply = pb.GenerateStreamResponse(
+                    release=event.stream.release, stopped=event.stream.stopped,
+                    final_text=event.stream.final_text,
+                )  # fmt: skip
+                if event.prompt is not None:
+                    reply.prompt_verdict.CopyFrom(
+                        self._verdict("generate_stream.prompt", event.prompt, start)
+                    )
+                    if event.stream.stopped:
+                        self._record("generate_stream", event.prompt, prompt)
+                result = event.stream.result
+                if result is not None:
+                    verdict = self._verdict("generate_stream.response", result, start)
+                    reply.response_verdict.CopyFrom(
+                        conversation_verdict_extras(verdict, stream_mode=mode)
+                    )
+                    self._record("generate_stream", result, prompt)
+                yield reply
 
     def _stream_response(
         self, event: StreamEvent, check: StreamCheck, start: float

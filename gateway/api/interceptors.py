@@ -46,6 +46,7 @@ ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 Behavior: TypeAlias = Callable[[Any, ServicerContext], Awaitable[Any]]
 StreamBehavior: TypeAlias = Callable[[AsyncIterator[Any], ServicerContext], AsyncIterator[Any]]
+UnaryStreamBehavior: TypeAlias = Callable[[Any, ServicerContext], AsyncIterator[Any]]
 
 _UNDECODABLE = object()
 
@@ -106,6 +107,12 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        if handler.unary_stream is not None and service in self._check:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_unary_stream(cast(UnaryStreamBehavior, handler.unary_stream)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
@@ -152,6 +159,20 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ) -> AsyncIterator[Any]:
             async with self._admitted(context, admin=False):
                 async for response in behavior(_decoded(requests), context):
+                    yield response
+
+        return wrapper
+
+    def _wrap_unary_stream(self, behavior: UnaryStreamBehavior) -> UnaryStreamBehavior:
+        """A check with a streamed answer (GenerateStream): as `_wrap_stream`."""
+
+        async def wrapper(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
+            async with self._admitted(context, admin=False):
+                if request is _UNDECODABLE:
+                    raise InvalidArgument(
+                        "request", "the message could not be decoded; strings must be valid UTF-8"
+                    )
+                async for response in behavior(request, context):
                     yield response
 
         return wrapper

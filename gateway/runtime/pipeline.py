@@ -39,7 +39,8 @@ from gateway.runtime.errors import FailedPrecondition, Unavailable
 from router.router import RouteResult, Timings
 
 __all__ = [
-    "CheckResult", "GenerateResult", "check_prompt", "check_response", "generate", "route",
+    "CheckResult", "GenerateResult", "check_prompt", "check_response", "generate",
+    "generator_not_configured", "record_outcome", "route",
 ]  # fmt: skip
 
 _ROUTE_DECISIONS = {Route.ALLOW: Decision.ALLOW, Route.BLOCK: Decision.BLOCK}
@@ -200,11 +201,7 @@ async def generate(
         Unavailable: the upstream generator failed.
     """
     if gateway.generator is None:
-        raise FailedPrecondition(
-            "Generate needs an upstream model: set generator.model and generator.base_url "
-            "(or OPENAI_BASE_URL / OPENAI_API_KEY) with generator.enabled: true",
-            reason="GENERATOR_NOT_CONFIGURED",
-        )
+        raise generator_not_configured()
     prompt_result = await check_prompt(
         gateway, prompt, policy, request_id=request_id, deadline=deadline
     )
@@ -225,6 +222,15 @@ async def generate(
     )  # fmt: skip
     return GenerateResult(
         prompt_result, response_result, response_result.final_text, generate_ms, usage
+    )
+
+
+def generator_not_configured() -> FailedPrecondition:
+    """The error of a Generate call on a gateway without an upstream model."""
+    return FailedPrecondition(
+        "Generate needs an upstream model: set generator.model and generator.base_url "
+        "(or OPENAI_BASE_URL / OPENAI_API_KEY) with generator.enabled: true",
+        reason="GENERATOR_NOT_CONFIGURED",
     )
 
 
@@ -284,7 +290,7 @@ async def _judge_and_record(
         prompt=text, constitution=gateway.constitution(policy), critic=critic,
         deadline=deadline, fail_mode=policy.fail_mode,
     )  # fmt: skip
-    await _record(gateway, policy, request_id, Target.PROMPT, mode, text, "", outcome)
+    await record_outcome(gateway, policy, request_id, Target.PROMPT, mode, text, "", outcome)
     if outcome.critic is CriticKind.LLM and not outcome.fail_reason and policy.record_texts:
         await asyncio.to_thread(_propose, gateway, text, outcome, request_id, policy)
     return outcome
@@ -300,14 +306,15 @@ async def _review_and_record(
         needs_judgement=risky, recheck=gateway.blocking_prefilter_rules,
         system_prompt=system_prompt,
     )  # fmt: skip
-    await _record(gateway, policy, request_id, Target.RESPONSE, mode, prompt, draft, outcome)
+    await record_outcome(gateway, policy, request_id, Target.RESPONSE, mode, prompt, draft, outcome)
     return outcome
 
 
-async def _record(
+async def record_outcome(
     gateway: Gateway, policy: Policy, request_id: str, target: Target, mode: str,
     prompt: str, draft: str, outcome: Outcome,
 ) -> None:  # fmt: skip
+    """Keep one critic judgement in the critic records (the data flywheel)."""
     usage = outcome.usage
     revision = outcome.rounds[-1].judged if len(outcome.rounds) > 1 else ""
     record = CriticRecord(

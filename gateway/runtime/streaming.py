@@ -24,23 +24,29 @@ gRPC-free: the servicer feeds it chunks and sends what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from critic.constitution import Target
 from critic.detectors import DetectorHit, detect
 from critic.loop import Outcome, review_response
-from critic.types import Deadline
+from critic.types import CriticUnavailable, Deadline
 from embeddings_index.vocabulary import CriticMode, Decision, Role, Route, StreamMode, Tier
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
 from gateway.runtime.conversation import ChatMessage
-from gateway.runtime.errors import InvalidArgument
-from gateway.runtime.pipeline import CheckResult, route
+from gateway.runtime.errors import InvalidArgument, Unavailable
+from gateway.runtime.pipeline import (
+    CheckResult,
+    check_prompt,
+    generator_not_configured,
+    record_outcome,
+    route,
+)
 from router.normalize import EmptyAfterNormalization, NormalizedText
 from router.router import RouteResult
 
-__all__ = ["StreamCheck", "StreamEvent"]
+__all__ = ["GeneratedEvent", "StreamCheck", "StreamEvent", "generate_stream"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,10 @@ class StreamCheck:
             fail_mode=self._policy.fail_mode, needs_judgement=True,
             system_prompt=self._system_prompt,
         )  # fmt: skip
+        await record_outcome(
+            self._gateway, self._policy, self._request_id, Target.RESPONSE, "stream",
+            self._prompt, self._out, outcome,
+        )  # fmt: skip
         self._found.outcome = outcome
         passed = len(self._out)  # each window is reviewed once, whatever the outcome
         if outcome.verdict is Decision.ALLOW:
@@ -256,6 +266,71 @@ class StreamCheck:
             final_text=self._out if decision is Decision.ALLOW else self._constitution.safe_reply,
             violated_rules=tuple(rules),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GeneratedEvent:
+    """One step of a streamed Generate: the prompt's decision (first), then the answer's."""
+
+    prompt: CheckResult | None = None
+    stream: StreamEvent = field(default_factory=StreamEvent)
+
+
+async def generate_stream(
+    gateway: Gateway,
+    prompt: str,
+    policy: Policy,
+    *,
+    mode: StreamMode,
+    request_id: str,
+    deadline: Callable[[], Deadline],
+) -> AsyncIterator[GeneratedEvent]:
+    """Check the prompt, stream the upstream model's answer through a `StreamCheck`.
+
+    The first event carries the prompt's decision; a blocked prompt is also the
+    last (stopped, with the safe reply) and nothing is generated. The upstream
+    stream is closed as soon as the check stops it.
+
+    Raises:
+        FailedPrecondition: no upstream generator is configured.
+        Unavailable: the upstream model failed (before or during its answer).
+    """
+    generator = gateway.generator
+    if generator is None:
+        raise generator_not_configured()
+    checked = await check_prompt(
+        gateway, prompt, policy, request_id=request_id, deadline=deadline()
+    )
+    if checked.decision is Decision.BLOCK:
+        safe = checked.constitution.safe_reply
+        yield GeneratedEvent(checked, StreamEvent(stopped=True, final_text=safe))
+        return
+    yield GeneratedEvent(checked)
+    context = [ChatMessage(Role.SYSTEM, generator.system_prompt), ChatMessage(Role.USER, prompt)]
+    check = StreamCheck(
+        gateway, policy, mode=mode, context=context, request_id=request_id, deadline=deadline
+    )
+    event = await check.start()
+    if event.stopped:
+        yield GeneratedEvent(stream=event)
+        return
+    upstream = generator.generate_stream(prompt, deadline())
+    try:
+        async for delta in upstream:
+            event = await check.feed(delta)
+            if event.stopped:
+                yield GeneratedEvent(stream=event)
+                return
+            if event.release:
+                yield GeneratedEvent(stream=event)
+    except CriticUnavailable as exc:
+        raise Unavailable(
+            f"the upstream generator failed ({exc.reason}); retry later",
+            reason="GENERATOR_UNAVAILABLE",
+        ) from exc
+    finally:
+        await upstream.aclose()
+    yield GeneratedEvent(stream=await check.finish())
 
 
 def _unrouted(gateway: Gateway, policy: Policy) -> RouteResult:

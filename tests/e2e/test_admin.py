@@ -237,6 +237,32 @@ async def test_update_policy_applies_to_the_next_request(stubs) -> None:
     assert f'"escalate_at": {before.thresholds.escalate_at}' in event.before
 
 
+async def test_a_policy_stream_mode_set_by_an_admin_applies_to_the_next_stream(stubs) -> None:
+    admin, checks = stubs
+    secret = "sk-proj-A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
+
+    async def stream() -> list[pb.CheckStreamResponse]:
+        async def requests() -> AsyncIterator[pb.CheckStreamRequest]:
+            yield pb.CheckStreamRequest(start=pb.StreamStart(policy="demo"))
+            yield pb.CheckStreamRequest(chunk=f"the key is {secret[:10]}")
+            yield pb.CheckStreamRequest(chunk=f"{secret[10:]} and that is all")
+
+        return [r async for r in checks.CheckStream(requests(), metadata=ADMIN, timeout=10)]
+
+    assert (await stream())[-1].stopped  # hold_back by default
+    reply = await admin.UpdatePolicy(
+        apb.UpdatePolicyRequest(
+            policy=apb.Policy(name="demo", stream_mode=pb.STREAM_MODE_AUDIT),
+            update_mask=mask("stream_mode"),
+        ),
+        metadata=ADMIN,
+    )
+    assert reply.policy.stream_mode == pb.STREAM_MODE_AUDIT
+    audited = await stream()
+    assert not audited[-1].stopped and secret in "".join(r.release for r in audited)
+    assert audited[-1].verdict.stream_mode == pb.STREAM_MODE_AUDIT
+
+
 async def test_stats_and_replay(admin_server: RunningServer, stubs) -> None:
     admin, checks = stubs
     await admin.UpdatePolicy(apb.UpdatePolicyRequest(policy=apb.Policy(name="demo", escalation_budget=0.01),

@@ -224,7 +224,7 @@ class ReviewProposalResponse(_message.Message):
     def __init__(self, exemplar_id: _Optional[str] = ..., index_version: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "escalate_at", "block_at", "k", "constitution", "critic_mode", "fail_mode", "max_rounds", "critic_budget_ms", "record_texts", "expose_evidence", "escalation_budget", "policy_origin")
+    __slots__ = ("name", "escalate_at", "block_at", "k", "constitution", "critic_mode", "fail_mode", "max_rounds", "critic_budget_ms", "record_texts", "expose_evidence", "escalation_budget", "policy_origin", "stream_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ESCALATE_AT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_AT_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class Policy(_message.Message):
     EXPOSE_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_BUDGET_FIELD_NUMBER: _ClassVar[int]
     POLICY_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     escalate_at: float
     block_at: float
@@ -251,7 +252,8 @@ class Policy(_message.Message):
     expose_evidence: bool
     escalation_budget: float
     policy_origin: PolicyOrigin
-    def __init__(self, name: _Optional[str] = ..., escalate_at: _Optional[float] = ..., block_at: _Optional[float] = ..., k: _Optional[int] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[_guardrail_pb2.CriticMode, str]] = ..., fail_mode: _Optional[_Union[_guardrail_pb2.FailMode, str]] = ..., max_rounds: _Optional[int] = ..., critic_budget_ms: _Optional[int] = ..., record_texts: _Optional[bool] = ..., expose_evidence: _Optional[bool] = ..., escalation_budget: _Optional[float] = ..., policy_origin: _Optional[_Union[PolicyOrigin, str]] = ...) -> None: ...
+    stream_mode: _guardrail_pb2.StreamMode
+    def __init__(self, name: _Optional[str] = ..., escalate_at: _Optional[float] = ..., block_at: _Optional[float] = ..., k: _Optional[int] = ..., constitution: _Optional[str] = ..., critic_mode: _Optional[_Union[_guardrail_pb2.CriticMode, str]] = ..., fail_mode: _Optional[_Union[_guardrail_pb2.FailMode, str]] = ..., max_rounds: _Optional[int] = ..., critic_budget_ms: _Optional[int] = ..., record_texts: _Optional[bool] = ..., expose_evidence: _Optional[bool] = ..., escalation_budget: _Optional[float] = ..., policy_origin: _Optional[_Union[PolicyOrigin, str]] = ..., stream_mode: _Optional[_Union[_guardrail_pb2.StreamMode, str]] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ("name",)

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cguardrail/v1/guardrail.proto\x12\x0cguardrail.v1\"2\n\x12\x43heckPromptRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"=\n\x13\x43heckPromptResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\"H\n\x14\x43heckResponseRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"S\n\x15\x43heckResponseResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x02 \x01(\t\"1\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"\x86\x01\n\x10GenerateResponse\x12-\n\x0eprompt_verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12/\n\x10response_verdict\x18\x02 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x03 \x01(\t\"<\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.guardrail.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"g\n\x18\x43heckConversationRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.guardrail.v1.Message\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"W\n\x19\x43heckConversationResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x02 \x01(\t\"Z\n\x12\x43heckStreamRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.guardrail.v1.StreamStartH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"m\n\x0bStreamStart\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12&\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x15.guardrail.v1.Message\x12&\n\x04mode\x18\x03 \x01(\x0e\x32\x18.guardrail.v1.StreamMode\"s\n\x13\x43heckStreamResponse\x12\x0f\n\x07release\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x12\n\nfinal_text\x18\x03 \x01(\t\x12&\n\x07verdict\x18\x04 \x01(\x0b\x32\x15.guardrail.v1.Verdict\"c\n\nMessageRef\x12\r\n\x05index\x18\x01 \x01(\x05\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.guardrail.v1.Role\x12\x12\n\nspan_start\x18\x03 \x01(\x05\x12\x10\n\x08span_end\x18\x04 \x01(\x05\"a\n\x0bSessionRisk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrisk_score\x18\x02 \x01(\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1b\n\x13\x63ombined_risk_score\x18\x04 \x01(\x01\"\x86\x06\n\x07Verdict\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.guardrail.v1.Decision\x12&\n\ndecided_by\x18\x02 \x01(\x0e\x32\x12.guardrail.v1.Tier\x12\x12\n\nrisk_score\x18\x03 \x01(\x01\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12,\n\nthresholds\x18\x05 \x01(\x0b\x32\x18.guardrail.v1.Thresholds\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x15\n\rindex_version\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x36\n\x11nearest_exemplars\x18\t \x03(\x0b\x32\x1b.guardrail.v1.ExemplarMatch\x12\x32\n\x0eprefilter_hits\x18\n \x03(\x0b\x32\x1a.guardrail.v1.PrefilterHit\x12&\n\x07timings\x18\x0b \x01(\x0b\x32\x15.guardrail.v1.Timings\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x16\n\x0enormalizations\x18\r \x03(\t\x12\x18\n\x10\x66\x61llback_applied\x18\x0e \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\x0f \x01(\t\x12\x19\n\x11violated_rule_ids\x18\x10 \x03(\t\x12\x10\n\x08\x63ritique\x18\x11 \x01(\t\x12*\n\x06\x63ritic\x18\x12 \x01(\x0b\x32\x1a.guardrail.v1.CriticReport\x12\x14\n\x0c\x63onstitution\x18\x13 \x01(\t\x12-\n\x0b\x63ritic_mode\x18\x14 \x01(\x0e\x32\x18.guardrail.v1.CriticMode\x12\x31\n\x0f\x64riving_message\x18\x15 \x01(\x0b\x32\x18.guardrail.v1.MessageRef\x12*\n\x07session\x18\x16 \x01(\x0b\x32\x19.guardrail.v1.SessionRisk\x12-\n\x0bstream_mode\x18\x17 \x01(\x0e\x32\x18.guardrail.v1.StreamMode\"\xca\x01\n\x0c\x43riticReport\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12\r\n\x05notes\x18\x08 \x03(\t\x12-\n\x0b\x63ritic_kind\x18\t \x01(\x0e\x32\x18.guardrail.v1.CriticKindJ\x04\x08\x01\x10\x02R\x04kind\"3\n\nThresholds\x12\x13\n\x0b\x65scalate_at\x18\x01 \x01(\x01\x12\x10\n\x08\x62lock_at\x18\x02 \x01(\x01\"\x98\x01\n\rExemplarMatch\x12\x13\n\x0b\x65xemplar_id\x18\x01 \x01(\t\x12\"\n\x05label\x18\x02 \x01(\x0e\x32\x13.guardrail.v1.Label\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x1a\n\x12similarity_exposed\x18\x06 \x01(\x08\"~\n\x0cPrefilterHit\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12-\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1d.guardrail.v1.PrefilterAction\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0c\n\x04view\x18\x05 \x01(\t\"\x94\x01\n\x07Timings\x12\x14\n\x0cnormalize_ms\x18\x01 \x01(\x01\x12\x14\n\x0cprefilter_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x11\n\tcritic_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x07 \x01(\x01*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02\x12\x13\n\x0f\x44\x45\x43ISION_REVISE\x10\x03*U\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTIER_PREFILTER\x10\x01\x12\x12\n\x0eTIER_EMBEDDING\x10\x02\x12\x0f\n\x0bTIER_CRITIC\x10\x03*A\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLABEL_RISKY\x10\x01\x12\x10\n\x0cLABEL_BENIGN\x10\x02*l\n\nCriticMode\x12\x1b\n\x17\x43RITIC_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43RITIC_MODE_SYNC\x10\x01\x12\x16\n\x12\x43RITIC_MODE_SHADOW\x10\x02\x12\x13\n\x0f\x43RITIC_MODE_OFF\x10\x03*O\n\x08\x46\x61ilMode\x12\x19\n\x15\x46\x41IL_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x41IL_MODE_CLOSED\x10\x01\x12\x12\n\x0e\x46\x41IL_MODE_OPEN\x10\x02*T\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUTE_ALLOW\x10\x01\x12\x12\n\x0eROUTE_ESCALATE\x10\x02\x12\x0f\n\x0bROUTE_BLOCK\x10\x03*U\n\nCriticKind\x12\x1b\n\x17\x43RITIC_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43RITIC_KIND_LLM\x10\x01\x12\x15\n\x11\x43RITIC_KIND_LOCAL\x10\x02*l\n\x0fPrefilterAction\x12 \n\x1cPREFILTER_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16PREFILTER_ACTION_BLOCK\x10\x01\x12\x1b\n\x17PREFILTER_ACTION_SIGNAL\x10\x02*r\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x12\x11\n\rROLE_DOCUMENT\x10\x05*y\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STREAM_MODE_HOLD_BACK\x10\x01\x12\x1c\n\x18STREAM_MODE_STREAM_FIRST\x10\x02\x12\x15\n\x11STREAM_MODE_AUDIT\x10\x03\x32\xc9\x03\n\x10GuardrailService\x12R\n\x0b\x43heckPrompt\x12 .guardrail.v1.CheckPromptRequest\x1a!.guardrail.v1.CheckPromptResponse\x12X\n\rCheckResponse\x12\".guardrail.v1.CheckResponseRequest\x1a#.guardrail.v1.CheckResponseResponse\x12I\n\x08Generate\x12\x1d.guardrail.v1.GenerateRequest\x1a\x1e.guardrail.v1.GenerateResponse\x12\x64\n\x11\x43heckConversation\x12&.guardrail.v1.CheckConversationRequest\x1a\'.guardrail.v1.CheckConversationResponse\x12V\n\x0b\x43heckStream\x12 .guardrail.v1.CheckStreamRequest\x1a!.guardrail.v1.CheckStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cguardrail/v1/guardrail.proto\x12\x0cguardrail.v1\"2\n\x12\x43heckPromptRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"=\n\x13\x43heckPromptResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\"H\n\x14\x43heckResponseRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"S\n\x15\x43heckResponseResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x02 \x01(\t\"1\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"\x86\x01\n\x10GenerateResponse\x12-\n\x0eprompt_verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12/\n\x10response_verdict\x18\x02 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x03 \x01(\t\"<\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.guardrail.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"g\n\x18\x43heckConversationRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.guardrail.v1.Message\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"W\n\x19\x43heckConversationResponse\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x12\n\nfinal_text\x18\x02 \x01(\t\"_\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12&\n\x04mode\x18\x03 \x01(\x0e\x32\x18.guardrail.v1.StreamMode\"\xae\x01\n\x16GenerateStreamResponse\x12-\n\x0eprompt_verdict\x18\x01 \x01(\x0b\x32\x15.guardrail.v1.Verdict\x12\x0f\n\x07release\x18\x02 \x01(\t\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x12\n\nfinal_text\x18\x04 \x01(\t\x12/\n\x10response_verdict\x18\x05 \x01(\x0b\x32\x15.guardrail.v1.Verdict\"Z\n\x12\x43heckStreamRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.guardrail.v1.StreamStartH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"m\n\x0bStreamStart\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12&\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x15.guardrail.v1.Message\x12&\n\x04mode\x18\x03 \x01(\x0e\x32\x18.guardrail.v1.StreamMode\"s\n\x13\x43heckStreamResponse\x12\x0f\n\x07release\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x12\n\nfinal_text\x18\x03 \x01(\t\x12&\n\x07verdict\x18\x04 \x01(\x0b\x32\x15.guardrail.v1.Verdict\"c\n\nMessageRef\x12\r\n\x05index\x18\x01 \x01(\x05\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.guardrail.v1.Role\x12\x12\n\nspan_start\x18\x03 \x01(\x05\x12\x10\n\x08span_end\x18\x04 \x01(\x05\"a\n\x0bSessionRisk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrisk_score\x18\x02 \x01(\x01\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x1b\n\x13\x63ombined_risk_score\x18\x04 \x01(\x01\"\x86\x06\n\x07Verdict\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.guardrail.v1.Decision\x12&\n\ndecided_by\x18\x02 \x01(\x0e\x32\x12.guardrail.v1.Tier\x12\x12\n\nrisk_score\x18\x03 \x01(\x01\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12,\n\nthresholds\x18\x05 \x01(\x0b\x32\x18.guardrail.v1.Thresholds\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x15\n\rindex_version\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x36\n\x11nearest_exemplars\x18\t \x03(\x0b\x32\x1b.guardrail.v1.ExemplarMatch\x12\x32\n\x0eprefilter_hits\x18\n \x03(\x0b\x32\x1a.guardrail.v1.PrefilterHit\x12&\n\x07timings\x18\x0b \x01(\x0b\x32\x15.guardrail.v1.Timings\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x16\n\x0enormalizations\x18\r \x03(\t\x12\x18\n\x10\x66\x61llback_applied\x18\x0e \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\x0f \x01(\t\x12\x19\n\x11violated_rule_ids\x18\x10 \x03(\t\x12\x10\n\x08\x63ritique\x18\x11 \x01(\t\x12*\n\x06\x63ritic\x18\x12 \x01(\x0b\x32\x1a.guardrail.v1.CriticReport\x12\x14\n\x0c\x63onstitution\x18\x13 \x01(\t\x12-\n\x0b\x63ritic_mode\x18\x14 \x01(\x0e\x32\x18.guardrail.v1.CriticMode\x12\x31\n\x0f\x64riving_message\x18\x15 \x01(\x0b\x32\x18.guardrail.v1.MessageRef\x12*\n\x07session\x18\x16 \x01(\x0b\x32\x19.guardrail.v1.SessionRisk\x12-\n\x0bstream_mode\x18\x17 \x01(\x0e\x32\x18.guardrail.v1.StreamMode\"\xca\x01\n\x0c\x43riticReport\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12\r\n\x05notes\x18\x08 \x03(\t\x12-\n\x0b\x63ritic_kind\x18\t \x01(\x0e\x32\x18.guardrail.v1.CriticKindJ\x04\x08\x01\x10\x02R\x04kind\"3\n\nThresholds\x12\x13\n\x0b\x65scalate_at\x18\x01 \x01(\x01\x12\x10\n\x08\x62lock_at\x18\x02 \x01(\x01\"\x98\x01\n\rExemplarMatch\x12\x13\n\x0b\x65xemplar_id\x18\x01 \x01(\t\x12\"\n\x05label\x18\x02 \x01(\x0e\x32\x13.guardrail.v1.Label\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x1a\n\x12similarity_exposed\x18\x06 \x01(\x08\"~\n\x0cPrefilterHit\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12-\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1d.guardrail.v1.PrefilterAction\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0c\n\x04view\x18\x05 \x01(\t\"\x94\x01\n\x07Timings\x12\x14\n\x0cnormalize_ms\x18\x01 \x01(\x01\x12\x14\n\x0cprefilter_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x11\n\tcritic_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x07 \x01(\x01*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x02\x12\x13\n\x0f\x44\x45\x43ISION_REVISE\x10\x03*U\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTIER_PREFILTER\x10\x01\x12\x12\n\x0eTIER_EMBEDDING\x10\x02\x12\x0f\n\x0bTIER_CRITIC\x10\x03*A\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLABEL_RISKY\x10\x01\x12\x10\n\x0cLABEL_BENIGN\x10\x02*l\n\nCriticMode\x12\x1b\n\x17\x43RITIC_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43RITIC_MODE_SYNC\x10\x01\x12\x16\n\x12\x43RITIC_MODE_SHADOW\x10\x02\x12\x13\n\x0f\x43RITIC_MODE_OFF\x10\x03*O\n\x08\x46\x61ilMode\x12\x19\n\x15\x46\x41IL_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x41IL_MODE_CLOSED\x10\x01\x12\x12\n\x0e\x46\x41IL_MODE_OPEN\x10\x02*T\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUTE_ALLOW\x10\x01\x12\x12\n\x0eROUTE_ESCALATE\x10\x02\x12\x0f\n\x0bROUTE_BLOCK\x10\x03*U\n\nCriticKind\x12\x1b\n\x17\x43RITIC_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43RITIC_KIND_LLM\x10\x01\x12\x15\n\x11\x43RITIC_KIND_LOCAL\x10\x02*l\n\x0fPrefilterAction\x12 \n\x1cPREFILTER_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16PREFILTER_ACTION_BLOCK\x10\x01\x12\x1b\n\x17PREFILTER_ACTION_SIGNAL\x10\x02*r\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x12\x11\n\rROLE_DOCUMENT\x10\x05*y\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STREAM_MODE_HOLD_BACK\x10\x01\x12\x1c\n\x18STREAM_MODE_STREAM_FIRST\x10\x02\x12\x15\n\x11STREAM_MODE_AUDIT\x10\x03\x32\xa8\x04\n\x10GuardrailService\x12R\n\x0b\x43heckPrompt\x12 .guardrail.v1.CheckPromptRequest\x1a!.guardrail.v1.CheckPromptResponse\x12X\n\rCheckResponse\x12\".guardrail.v1.CheckResponseRequest\x1a#.guardrail.v1.CheckResponseResponse\x12I\n\x08Generate\x12\x1d.guardrail.v1.GenerateRequest\x1a\x1e.guardrail.v1.GenerateResponse\x12\x64\n\x11\x43heckConversation\x12&.guardrail.v1.CheckConversationRequest\x1a\'.guardrail.v1.CheckConversationResponse\x12V\n\x0b\x43heckStream\x12 .guardrail.v1.CheckStreamRequest\x1a!.guardrail.v1.CheckStreamResponse(\x01\x30\x01\x12]\n\x0eGenerateStream\x12#.guardrail.v1.GenerateStreamRequest\x1a$.guardrail.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'guardrail.v1.guardrail_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=2753
-  _globals['_DECISION']._serialized_end=2850
-  _globals['_TIER']._serialized_start=2852
-  _globals['_TIER']._serialized_end=2937
-  _globals['_LABEL']._serialized_start=2939
-  _globals['_LABEL']._serialized_end=3004
-  _globals['_CRITICMODE']._serialized_start=3006
-  _globals['_CRITICMODE']._serialized_end=3114
-  _globals['_FAILMODE']._serialized_start=3116
-  _globals['_FAILMODE']._serialized_end=3195
-  _globals['_ROUTE']._serialized_start=3197
-  _globals['_ROUTE']._serialized_end=3281
-  _globals['_CRITICKIND']._serialized_start=3283
-  _globals['_CRITICKIND']._serialized_end=3368
-  _globals['_PREFILTERACTION']._serialized_start=3370
-  _globals['_PREFILTERACTION']._serialized_end=3478
-  _globals['_ROLE']._serialized_start=3480
-  _globals['_ROLE']._serialized_end=3594
-  _globals['_STREAMMODE']._serialized_start=3596
-  _globals['_STREAMMODE']._serialized_end=3717
+  _globals['_DECISION']._serialized_start=3027
+  _globals['_DECISION']._serialized_end=3124
+  _globals['_TIER']._serialized_start=3126
+  _globals['_TIER']._serialized_end=3211
+  _globals['_LABEL']._serialized_start=3213
+  _globals['_LABEL']._serialized_end=3278
+  _globals['_CRITICMODE']._serialized_start=3280
+  _globals['_CRITICMODE']._serialized_end=3388
+  _globals['_FAILMODE']._serialized_start=3390
+  _globals['_FAILMODE']._serialized_end=3469
+  _globals['_ROUTE']._serialized_start=3471
+  _globals['_ROUTE']._serialized_end=3555
+  _globals['_CRITICKIND']._serialized_start=3557
+  _globals['_CRITICKIND']._serialized_end=3642
+  _globals['_PREFILTERACTION']._serialized_start=3644
+  _globals['_PREFILTERACTION']._serialized_end=3752
+  _globals['_ROLE']._serialized_start=3754
+  _globals['_ROLE']._serialized_end=3868
+  _globals['_STREAMMODE']._serialized_start=3870
+  _globals['_STREAMMODE']._serialized_end=3991
   _globals['_CHECKPROMPTREQUEST']._serialized_start=46
   _globals['_CHECKPROMPTREQUEST']._serialized_end=96
   _globals['_CHECKPROMPTRESPONSE']._serialized_start=98
@@ -70,28 +70,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKCONVERSATIONREQUEST']._serialized_end=673
   _globals['_CHECKCONVERSATIONRESPONSE']._serialized_start=675
   _globals['_CHECKCONVERSATIONRESPONSE']._serialized_end=762
-  _globals['_CHECKSTREAMREQUEST']._serialized_start=764
-  _globals['_CHECKSTREAMREQUEST']._serialized_end=854
-  _globals['_STREAMSTART']._serialized_start=856
-  _globals['_STREAMSTART']._serialized_end=965
-  _globals['_CHECKSTREAMRESPONSE']._serialized_start=967
-  _globals['_CHECKSTREAMRESPONSE']._serialized_end=1082
-  _globals['_MESSAGEREF']._serialized_start=1084
-  _globals['_MESSAGEREF']._serialized_end=1183
-  _globals['_SESSIONRISK']._serialized_start=1185
-  _globals['_SESSIONRISK']._serialized_end=1282
-  _globals['_VERDICT']._serialized_start=1285
-  _globals['_VERDICT']._serialized_end=2059
-  _globals['_CRITICREPORT']._serialized_start=2062
-  _globals['_CRITICREPORT']._serialized_end=2264
-  _globals['_THRESHOLDS']._serialized_start=2266
-  _globals['_THRESHOLDS']._serialized_end=2317
-  _globals['_EXEMPLARMATCH']._serialized_start=2320
-  _globals['_EXEMPLARMATCH']._serialized_end=2472
-  _globals['_PREFILTERHIT']._serialized_start=2474
-  _globals['_PREFILTERHIT']._serialized_end=2600
-  _globals['_TIMINGS']._serialized_start=2603
-  _globals['_TIMINGS']._serialized_end=2751
-  _globals['_GUARDRAILSERVICE']._serialized_start=3720
-  _globals['_GUARDRAILSERVICE']._serialized_end=4177
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=764
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=859
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=862
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1036
+  _globals['_CHECKSTREAMREQUEST']._serialized_start=1038
+  _globals['_CHECKSTREAMREQUEST']._serialized_end=1128
+  _globals['_STREAMSTART']._serialized_start=1130
+  _globals['_STREAMSTART']._serialized_end=1239
+  _globals['_CHECKSTREAMRESPONSE']._serialized_start=1241
+  _globals['_CHECKSTREAMRESPONSE']._serialized_end=1356
+  _globals['_MESSAGEREF']._serialized_start=1358
+  _globals['_MESSAGEREF']._serialized_end=1457
+  _globals['_SESSIONRISK']._serialized_start=1459
+  _globals['_SESSIONRISK']._serialized_end=1556
+  _globals['_VERDICT']._serialized_start=1559
+  _globals['_VERDICT']._serialized_end=2333
+  _globals['_CRITICREPORT']._serialized_start=2336
+  _globals['_CRITICREPORT']._serialized_end=2538
+  _globals['_THRESHOLDS']._serialized_start=2540
+  _globals['_THRESHOLDS']._serialized_end=2591
+  _globals['_EXEMPLARMATCH']._serialized_start=2594
+  _globals['_EXEMPLARMATCH']._serialized_end=2746
+  _globals['_PREFILTERHIT']._serialized_start=2748
+  _globals['_PREFILTERHIT']._serialized_end=2874
+  _globals['_TIMINGS']._serialized_start=2877
+  _globals['_TIMINGS']._serialized_end=3025
+  _globals['_GUARDRAILSERVICE']._serialized_start=3994
+  _globals['_GUARDRAILSERVICE']._serialized_end=4546
 # @@protoc_insertion_point(module_scope)

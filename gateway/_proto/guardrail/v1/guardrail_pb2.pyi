@@ -190,6 +190,30 @@ class CheckConversationResponse(_message.Message):
     final_text: str
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., final_text: _Optional[str] = ...) -> None: ...
 
+class GenerateStreamRequest(_message.Message):
+    __slots__ = ("prompt", "policy", "mode")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    policy: str
+    mode: StreamMode
+    def __init__(self, prompt: _Optional[str] = ..., policy: _Optional[str] = ..., mode: _Optional[_Union[StreamMode, str]] = ...) -> None: ...
+
+class GenerateStreamResponse(_message.Message):
+    __slots__ = ("prompt_verdict", "release", "stopped", "final_text", "response_verdict")
+    PROMPT_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    prompt_verdict: Verdict
+    release: str
+    stopped: bool
+    final_text: str
+    response_verdict: Verdict
+    def __init__(self, prompt_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., release: _Optional[str] = ..., stopped: _Optional[bool] = ..., final_text: _Optional[str] = ..., response_verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
 class CheckStreamRequest(_message.Message):
     __slots__ = ("start", "chunk")
     START_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class GuardrailServiceStub:
                 request_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.SerializeToString,
                 response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/guardrail.v1.GuardrailService/GenerateStream',
+                request_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GuardrailServiceServicer:
@@ -115,6 +120,15 @@ class GuardrailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Generate, streamed: the prompt is checked, the upstream model is called
+        with streaming on, and its output is checked as CheckStream checks it
+        while it is passed on. The first response carries the prompt's verdict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuardrailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +156,11 @@ def add_GuardrailServiceServicer_to_server(servicer, server):
                     servicer.CheckStream,
                     request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.FromString,
                     response_serializer=guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +299,33 @@ class GuardrailService:
             '/guardrail.v1.GuardrailService/CheckStream',
             guardrail_dot_v1_dot_guardrail__pb2.CheckStreamRequest.SerializeToString,
             guardrail_dot_v1_dot_guardrail__pb2.CheckStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/guardrail.v1.GuardrailService/GenerateStream',
+            guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamRequest.SerializeToString,
+            guardrail_dot_v1_dot_guardrail__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,11 @@ class GuardrailServiceStub:
     Closing the request stream ends the check: what remains is released if
     it passes, and the last response carries the verdict.
     """
+    GenerateStream: _grpc.UnaryStreamMultiCallable[_guardrail_pb2.GenerateStreamRequest, _guardrail_pb2.GenerateStreamResponse]
+    """Generate, streamed: the prompt is checked, the upstream model is called
+    with streaming on, and its output is checked as CheckStream checks it
+    while it is passed on. The first response carries the prompt's verdict.
+    """
 
 @_typing.type_check_only
 class GuardrailServiceAsyncStub(GuardrailServiceStub):
@@ -103,6 +108,11 @@ class GuardrailServiceAsyncStub(GuardrailServiceStub):
     with a verdict and the safe reply when a window breaks the policy.
     Closing the request stream ends the check: what remains is released if
     it passes, and the last response carries the verdict.
+    """
+    GenerateStream: _aio.UnaryStreamMultiCallable[_guardrail_pb2.GenerateStreamRequest, _guardrail_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """Generate, streamed: the prompt is checked, the upstream model is called
+    with streaming on, and its output is checked as CheckStream checks it
+    while it is passed on. The first response carries the prompt's verdict.
     """
 
 class GuardrailServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +174,17 @@ class GuardrailServiceServicer(metaclass=_abc_1.ABCMeta):
         with a verdict and the safe reply when a window breaks the policy.
         Closing the request stream ends the check: what remains is released if
         it passes, and the last response carries the verdict.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request: _guardrail_pb2.GenerateStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_guardrail_pb2.GenerateStreamResponse], _abc.AsyncIterator[_guardrail_pb2.GenerateStreamResponse]]:
+        """Generate, streamed: the prompt is checked, the upstream model is called
+        with streaming on, and its output is checked as CheckStream checks it
+        while it is passed on. The first response carries the prompt's verdict.
         """
 
 def add_GuardrailServiceServicer_to_server(servicer: GuardrailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
