@@ -282,6 +282,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self, rpc: str, result: CheckResult, start: float, generate_ms: float = 0.0
     ) -> pb.Verdict:
         total_ms = (time.perf_counter() - start) * 1000.0
+        self._gateway.metrics.observe(rpc, result, total_ms / 1000.0)
         verdict = verdict_to_proto(
             result, request_id=REQUEST_ID.get(), total_ms=total_ms,
             store=self._gateway.index.store, generate_ms=generate_ms,

@@ -29,6 +29,7 @@ from gateway.runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from gateway.runtime.metrics import Metrics
 
 __all__ = [
     "PRINCIPAL", "REQUEST_ID", "GatewayInterceptor", "ServicerContext", "caller_key",
@@ -81,6 +82,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         require_api_key: Callable[[], bool],
         max_concurrent: int,
         max_per_caller: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._check = check_services
         self._admin = admin_services
@@ -90,6 +92,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._max_per_caller = max_per_caller
         self._in_flight = 0
         self._in_flight_by_caller: dict[str, int] = {}
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -99,24 +102,25 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else ""
+        rpc = method.rsplit("/", 1)[-1]
         if handler is None or service not in self._check | self._admin:
             return handler
         if handler.stream_stream is not None and service in self._check:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(cast(StreamBehavior, handler.stream_stream)),
+                self._wrap_stream(cast(StreamBehavior, handler.stream_stream), rpc),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and service in self._check:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_unary_stream(cast(UnaryStreamBehavior, handler.unary_stream)),
+                self._wrap_unary_stream(cast(UnaryStreamBehavior, handler.unary_stream), rpc),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(cast(Behavior, handler.unary_unary), admin=service in self._admin),
+            self._wrap(cast(Behavior, handler.unary_unary), rpc, admin=service in self._admin),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -138,9 +142,9 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         return principal
 
-    def _wrap(self, behavior: Behavior, *, admin: bool) -> Behavior:
+    def _wrap(self, behavior: Behavior, rpc: str, *, admin: bool) -> Behavior:
         async def wrapper(request: Any, context: ServicerContext) -> Any:
-            async with self._admitted(context, admin=admin):
+            async with self._admitted(context, rpc, admin=admin):
                 if request is _UNDECODABLE:
                     raise InvalidArgument(
                         "request", "the message could not be decoded; strings must be valid UTF-8"
@@ -150,24 +154,24 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return wrapper
 
-    def _wrap_stream(self, behavior: StreamBehavior) -> StreamBehavior:
+    def _wrap_stream(self, behavior: StreamBehavior, rpc: str) -> StreamBehavior:
         """A bidirectional check stream: admitted and counted like a unary check for as
         long as it is open; its errors end it with their status."""
 
         async def wrapper(
             requests: AsyncIterator[Any], context: ServicerContext
         ) -> AsyncIterator[Any]:
-            async with self._admitted(context, admin=False):
+            async with self._admitted(context, rpc, admin=False), self._streaming():
                 async for response in behavior(_decoded(requests), context):
                     yield response
 
         return wrapper
 
-    def _wrap_unary_stream(self, behavior: UnaryStreamBehavior) -> UnaryStreamBehavior:
+    def _wrap_unary_stream(self, behavior: UnaryStreamBehavior, rpc: str) -> UnaryStreamBehavior:
         """A check with a streamed answer (GenerateStream): as `_wrap_stream`."""
 
         async def wrapper(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
-            async with self._admitted(context, admin=False):
+            async with self._admitted(context, rpc, admin=False), self._streaming():
                 if request is _UNDECODABLE:
                     raise InvalidArgument(
                         "request", "the message could not be decoded; strings must be valid UTF-8"
@@ -178,7 +182,29 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrapper
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, context: ServicerContext, *, admin: bool) -> AsyncIterator[None]:
+    async def _streaming(self) -> AsyncIterator[None]:
+        """Count a stream as in flight while it is open."""
+        if self._metrics is None:
+            yield
+            return
+        self._metrics.streams.inc()
+        try:
+            yield
+        finally:
+            self._metrics.streams.dec()
+
+    def _count(self, rpc: str, code: str, error: GatewayError | None = None) -> None:
+        """Count a call answered with the status `code` (its name, e.g. "OK")."""
+        if self._metrics is None:
+            return
+        self._metrics.requests.labels(rpc, code).inc()
+        if isinstance(error, Overloaded):
+            self._metrics.overload.labels(error.metadata.get("scope", "server")).inc()
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, context: ServicerContext, rpc: str, *, admin: bool
+    ) -> AsyncIterator[None]:
         """Request id, credentials and load shedding around one call; a `GatewayError`
         raised inside becomes its status, any other exception INTERNAL."""
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -199,14 +225,17 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if counted and self._max_per_caller > 0:
                     caller = self._admit_caller(principal, context)
                 yield
+                self._count(rpc, "OK")
             finally:
                 with contextlib.suppress(ValueError):  # reset in another context
                     PRINCIPAL.reset(principal_token)
         except GatewayError as exc:
+            self._count(rpc, exc.code.name, exc)
             await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(exc)))
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception:
+            self._count(rpc, "INTERNAL")
             log.exception("unexpected error in request %s", request_id)
             await context.abort(
                 grpc.StatusCode.INTERNAL,

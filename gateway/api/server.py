@@ -26,6 +26,7 @@ from gateway.api.guardrail_servicer import GuardrailServicer
 from gateway.api.interceptors import GatewayInterceptor
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import ConfigError, ServerConfig, check_reload, load_config
+from gateway.runtime.metrics import serve_metrics
 
 __all__ = ["RunningServer", "receive_limit_bytes", "reload_config", "serve", "start_server"]
 
@@ -114,6 +115,7 @@ async def start_server(
                 require_api_key=lambda: gateway.config.server.require_api_key,
                 max_concurrent=config.max_concurrent_checks,
                 max_per_caller=max_checks_per_caller,
+                metrics=gateway.metrics,
             )
         ],
         options=[("grpc.max_receive_message_length", receive_limit_bytes(config.max_text_chars))],
@@ -191,8 +193,14 @@ def reload_config(gateway: Gateway) -> bool:
 
 
 async def serve(gateway: Gateway) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully; with `metrics.port`
+    set, `/metrics` is served on that port too."""
     running = await start_server(gateway)
+    metrics_port = gateway.config.metrics.port
+    metrics = None
+    if metrics_port is not None:
+        metrics = serve_metrics(gateway.metrics, gateway.config.server.host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", gateway.config.server.host, metrics.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -201,3 +209,5 @@ async def serve(gateway: Gateway) -> None:
     await stop.wait()
     log.info("shutting down: finishing calls in flight")
     await running.stop()
+    if metrics is not None:
+        metrics.stop()

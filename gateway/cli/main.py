@@ -1,6 +1,6 @@
 """The `tierguard` command line: serve, check, eval.
 
-tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR]
+tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR] [--metrics-port N]
 tierguard check TEXT [--address HOST:PORT] [--policy P] [--json]
                 [--api-key KEY] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
 tierguard eval --data FILE.jsonl [--data ...] [--json] [--policy P]
@@ -35,10 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tierguard` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from gateway.cli.log_format import configure_logging
+
+    log_format = args.log_format or os.environ.get("TIERGUARD_LOG_FORMAT", "text")
+    if log_format not in ("text", "json"):
+        print(f"tierguard: TIERGUARD_LOG_FORMAT must be text or json, not {log_format!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    configure_logging(args.log_level, log_format)
     if args.log_level != "debug":  # "Loading faiss with AVX2 support." on every command
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
@@ -60,12 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"],
+        help="log lines as text (default) or JSON objects (or TIERGUARD_LOG_FORMAT)",
+    )  # fmt: skip
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC gateway")
     _config_flags(serve)
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 50051)")
+    serve.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus /metrics on this port (or TIERGUARD_METRICS_PORT)")  # fmt: skip
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser("check", help="check a prompt against a running gateway")
@@ -149,6 +159,8 @@ def _load(args: argparse.Namespace) -> Config:
     overrides = {"data_dir": args.data_dir}
     if hasattr(args, "port"):
         overrides |= {"server.port": args.port, "server.host": args.host}
+    if hasattr(args, "metrics_port"):
+        overrides |= {"metrics.port": args.metrics_port}
     try:
         return load_config(args.config, overrides=overrides)
     except ConfigError as exc:

@@ -35,6 +35,7 @@ from gateway.runtime.config import Config, ConversationConfig, Policy
 from gateway.runtime.decision_log import DecisionLog
 from gateway.runtime.embedding import make_embedder
 from gateway.runtime.errors import PermissionDenied, PolicyNotFound
+from gateway.runtime.metrics import Metrics
 from gateway.runtime.policies import PolicyRegistry
 from gateway.runtime.sessions import SessionStore
 from gateway.runtime.stats import TrafficStats
@@ -71,6 +72,7 @@ class Gateway:
     generator: Generator | None = None
     tier0_executor: ThreadPoolExecutor | None = None
     sessions: SessionStore = field(default_factory=lambda: _sessions(ConversationConfig()))
+    metrics: Metrics = field(default_factory=Metrics)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -143,7 +145,7 @@ class Gateway:
             f" ({critic.model})" if critic.model else "",
             generator.model if generator else "not configured",
         )
-        return cls(
+        gateway = cls(
             config=config,
             embedder=embedder,
             index=index,
@@ -163,6 +165,8 @@ class Gateway:
             route_cache=LRUCache(config.embedding.route_cache_size),
             sessions=_sessions(config.conversation),
         )
+        gateway.metrics.watch(gateway)
+        return gateway
 
     def resolve_policy(self, *names: str, principal: Principal | None = None) -> Policy:
         """The first non-empty name's policy, else the caller's (a tenant's) or the default.

@@ -68,6 +68,7 @@ __all__ = [
     "EmbeddingBackend",
     "EmbeddingConfig",
     "LLMConfig",
+    "MetricsConfig",
     "Policy",
     "ServerConfig",
     "StreamConfig",
@@ -330,6 +331,18 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint.
+
+    Attributes:
+        port: Port of `/metrics` (Prometheus text format), on the gateway's
+            host; None (default): no endpoint. 0 picks a free port.
+    """
+
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to start."""
 
@@ -338,6 +351,7 @@ class Config:
     index: IndexOptions = field(default_factory=IndexOptions)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     critic: LLMConfig = field(default_factory=LLMConfig)
     generator: LLMConfig = field(default_factory=lambda: LLMConfig(enabled=False))
     data_dir: Path = Path("tierguard-data")
@@ -377,6 +391,7 @@ _ENV = {
     "TIERGUARD_DEFAULT_POLICY": ("default_policy",),
     "TIERGUARD_CRITIC_MODEL": ("critic", "model"),
     "TIERGUARD_GENERATOR_MODEL": ("generator", "model"),
+    "TIERGUARD_METRICS_PORT": ("metrics", "port"),
 }
 
 # Whole numbers end up in C ints (gRPC options, ONNX Runtime, FAISS).
@@ -578,6 +593,7 @@ def _parse_config(raw: Mapping[Any, Any]) -> Config:
         index=_parse_section("index", IndexOptions, raw.get("index")),
         conversation=_parse_section("conversation", ConversationConfig, raw.get("conversation")),
         stream=_parse_section("stream", StreamConfig, raw.get("stream")),
+        metrics=_parse_section("metrics", MetricsConfig, raw.get("metrics")),
         critic=_parse_section("critic", LLMConfig, raw.get("critic")),
         generator=_parse_section(
             "generator",
