@@ -25,6 +25,7 @@ from gateway.runtime.decision_log import LoggedDecision
 from gateway.runtime.errors import DeadlineTooShort, InvalidArgument
 from gateway.runtime.pipeline import CheckResult, check_prompt, check_response, generate
 from gateway.runtime.streaming import StreamCheck, StreamEvent, generate_stream
+from gateway.runtime.tracing import current_span
 
 __all__ = ["POLICY_METADATA_KEY", "GuardrailServicer"]
 
@@ -283,6 +284,12 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
     ) -> pb.Verdict:
         total_ms = (time.perf_counter() - start) * 1000.0
         self._gateway.metrics.observe(rpc, result, total_ms / 1000.0)
+        request_span = current_span()
+        if request_span.is_recording():
+            request_span.set_attribute("tierguard.request_id", REQUEST_ID.get())
+            request_span.set_attribute("tierguard.policy", result.policy.name)
+            request_span.set_attribute("tierguard.decision", result.decision.value)
+            request_span.set_attribute("tierguard.decided_by", result.decided_by.value)
         verdict = verdict_to_proto(
             result, request_id=REQUEST_ID.get(), total_ms=total_ms,
             store=self._gateway.index.store, generate_ms=generate_ms,

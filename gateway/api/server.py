@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # what `health.aio` re-exports
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from gateway._proto.guardrail.v1 import admin_pb2, admin_pb2_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
@@ -108,6 +109,8 @@ async def start_server(
         max_checks_per_caller = config.max_checks_per_caller
     server = grpc.aio.server(
         interceptors=[
+            # outermost: the request's span (continuing the caller's traceparent)
+            aio_server_interceptor(tracer_provider=gateway.tracer_provider),  # type: ignore[no-untyped-call]
             GatewayInterceptor(
                 check_services={GUARDRAIL_SERVICE},
                 admin_services={ADMIN_SERVICE},
@@ -116,7 +119,7 @@ async def start_server(
                 max_concurrent=config.max_concurrent_checks,
                 max_per_caller=max_checks_per_caller,
                 metrics=gateway.metrics,
-            )
+            ),
         ],
         options=[("grpc.max_receive_message_length", receive_limit_bytes(config.max_text_chars))],
     )

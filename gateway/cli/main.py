@@ -171,14 +171,20 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.api.server import serve
     from gateway.runtime.app import Gateway
     from gateway.runtime.config import ConfigError
+    from gateway.runtime.tracing import configure_from_environment
 
     config = _load(args)
+    provider = configure_from_environment()  # OTLP export only when OTEL_* asks for it
     try:
-        gateway = Gateway.create(config)
+        gateway = Gateway.create(config, tracer_provider=provider)
         asyncio.run(serve(gateway))
     except ConfigError as exc:  # found while starting: a constitution, a TLS file
         where = f"config file {config.source}: " if config.source else ""
         raise SystemExit(f"tierguard: bad configuration: {where}{exc}") from None
+    finally:
+        shutdown = getattr(provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # flush the spans still queued
     return 0
 
 

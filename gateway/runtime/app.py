@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Tracer, TracerProvider
+
 from critic.constitution import Constitution, load_constitutions
 from critic.generator import Generator
 from critic.llm_critic import LLMCritic
@@ -39,6 +41,7 @@ from gateway.runtime.metrics import Metrics
 from gateway.runtime.policies import PolicyRegistry
 from gateway.runtime.sessions import SessionStore
 from gateway.runtime.stats import TrafficStats
+from gateway.runtime.tracing import tracer_for
 from router.normalize import NormalizationLimits, TextRejected, normalize, normalized_text
 from router.prefilter import Prefilter, RuleAction
 from router.router import Router, RouteResult
@@ -73,6 +76,8 @@ class Gateway:
     tier0_executor: ThreadPoolExecutor | None = None
     sessions: SessionStore = field(default_factory=lambda: _sessions(ConversationConfig()))
     metrics: Metrics = field(default_factory=Metrics)
+    tracer_provider: TracerProvider | None = None
+    tracer: Tracer = field(default_factory=lambda: tracer_for(None))
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -82,8 +87,12 @@ class Gateway:
         *,
         embedder: Embedder | None = None,
         environ: Mapping[str, str] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> Gateway:
         """Build every part; slow (loads the model, may embed the starter pack).
+
+        `tracer_provider` records the gateway's spans (None: the global provider,
+        which records nothing unless `tracing.configure_from_environment` set one).
 
         Raises:
             ConfigError: a policy names a constitution that does not exist.
@@ -164,6 +173,8 @@ class Gateway:
             tier0_executor=tier0,
             route_cache=LRUCache(config.embedding.route_cache_size),
             sessions=_sessions(config.conversation),
+            tracer_provider=tracer_provider,
+            tracer=tracer_for(tracer_provider),
         )
         gateway.metrics.watch(gateway)
         return gateway

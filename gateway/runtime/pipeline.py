@@ -36,6 +36,7 @@ from embeddings_index.vocabulary import (
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
 from gateway.runtime.errors import FailedPrecondition, Unavailable
+from gateway.runtime.tracing import add_stage_spans, now_ns, span
 from router.router import RouteResult, Timings
 
 __all__ = [
@@ -209,7 +210,8 @@ async def generate(
         return GenerateResult(prompt_result, None, prompt_result.constitution.safe_reply)
     start = time.perf_counter()
     try:
-        draft, usage = await gateway.generator.generate(prompt, deadline)
+        with span(gateway.tracer, "generate", model=gateway.generator.model):
+            draft, usage = await gateway.generator.generate(prompt, deadline)
     except CriticUnavailable as exc:
         raise Unavailable(
             f"the upstream generator failed ({exc.reason}); retry later",
@@ -247,10 +249,16 @@ async def route(gateway: Gateway, text: str, policy: Policy) -> RouteResult:
     key = (text, policy.thresholds, policy.k)
     cached = gateway.route_cache.get(key, generation=gateway.index.index)
     if cached is not None:
-        return replace(cached, timings=Timings())
-    routed = await gateway.router.route(
-        text, thresholds=policy.thresholds, embed=gateway.batcher.embed, k=policy.k or None
-    )
+        with span(gateway.tracer, "route", cached=True, route=cached.route.value):
+            return replace(cached, timings=Timings())
+    start_ns = now_ns()
+    with span(gateway.tracer, "route", cached=False) as opened:
+        routed = await gateway.router.route(
+            text, thresholds=policy.thresholds, embed=gateway.batcher.embed, k=policy.k or None
+        )
+        add_stage_spans(gateway.tracer, start_ns, routed.timings)
+        opened.set_attribute("route", routed.route.value)
+        opened.set_attribute("risk_score", routed.risk_score)
     gateway.route_cache.put(key, routed, generation=routed.index)
     return routed
 
@@ -286,10 +294,11 @@ async def _judge_and_record(
     gateway: Gateway, text: str, policy: Policy, request_id: str, deadline: Deadline, mode: str
 ) -> Outcome:
     critic = gateway.critic if mode != "off" else gateway.local_critic
-    outcome = await judge_prompt(
-        prompt=text, constitution=gateway.constitution(policy), critic=critic,
-        deadline=deadline, fail_mode=policy.fail_mode,
-    )  # fmt: skip
+    with span(gateway.tracer, "critic", target="prompt", critic=critic.kind.value, mode=mode):
+        outcome = await judge_prompt(
+            prompt=text, constitution=gateway.constitution(policy), critic=critic,
+            deadline=deadline, fail_mode=policy.fail_mode,
+        )  # fmt: skip
     await record_outcome(gateway, policy, request_id, Target.PROMPT, mode, text, "", outcome)
     if outcome.critic is CriticKind.LLM and not outcome.fail_reason and policy.record_texts:
         await asyncio.to_thread(_propose, gateway, text, outcome, request_id, policy)
@@ -300,12 +309,13 @@ async def _review_and_record(
     gateway: Gateway, prompt: str, draft: str, policy: Policy, request_id: str,
     deadline: Deadline, critic: Critic, risky: bool, mode: str, system_prompt: str = "",
 ) -> Outcome:  # fmt: skip
-    outcome = await review_response(
-        prompt=prompt, draft=draft, constitution=gateway.constitution(policy), critic=critic,
-        deadline=deadline, max_rounds=policy.max_rounds, fail_mode=policy.fail_mode,
-        needs_judgement=risky, recheck=gateway.blocking_prefilter_rules,
-        system_prompt=system_prompt,
-    )  # fmt: skip
+    with span(gateway.tracer, "critic", target="response", critic=critic.kind.value, mode=mode):
+        outcome = await review_response(
+            prompt=prompt, draft=draft, constitution=gateway.constitution(policy), critic=critic,
+            deadline=deadline, max_rounds=policy.max_rounds, fail_mode=policy.fail_mode,
+            needs_judgement=risky, recheck=gateway.blocking_prefilter_rules,
+            system_prompt=system_prompt,
+        )  # fmt: skip
     await record_outcome(gateway, policy, request_id, Target.RESPONSE, mode, prompt, draft, outcome)
     return outcome
 

@@ -43,6 +43,7 @@ from gateway.runtime.pipeline import (
     record_outcome,
     route,
 )
+from gateway.runtime.tracing import span
 from router.normalize import EmptyAfterNormalization, NormalizedText
 from router.router import RouteResult
 
@@ -199,12 +200,13 @@ class StreamCheck:
             if self._policy.critic_mode is CriticMode.SYNC
             else self._gateway.local_critic
         )
-        outcome = await review_response(
-            prompt=self._prompt, draft=self._out, constitution=self._constitution,
-            critic=critic, deadline=self._deadline(), max_rounds=0,
-            fail_mode=self._policy.fail_mode, needs_judgement=True,
-            system_prompt=self._system_prompt,
-        )  # fmt: skip
+        with span(self._gateway.tracer, "critic", target="stream", critic=critic.kind.value):
+            outcome = await review_response(
+                prompt=self._prompt, draft=self._out, constitution=self._constitution,
+                critic=critic, deadline=self._deadline(), max_rounds=0,
+                fail_mode=self._policy.fail_mode, needs_judgement=True,
+                system_prompt=self._system_prompt,
+            )  # fmt: skip
         await record_outcome(
             self._gateway, self._policy, self._request_id, Target.RESPONSE, "stream",
             self._prompt, self._out, outcome,
