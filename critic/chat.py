@@ -124,15 +124,9 @@ class ChatEndpoint:
                         "endpoint refused a response format; now using %s", FORMATS[self._format]
                     )
                     continue
-                raise CriticUnavailable(
-                    "bad_request", f"the endpoint refused the call: {exc}"
-                ) from exc
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-                raise CriticUnavailable("auth", "the endpoint rejected the API key") from exc
-            except openai.NotFoundError as exc:
-                raise CriticUnavailable(
-                    "not_found", f"model {self.settings.model!r} not found"
-                ) from exc
+                raise _refused(exc, self.settings.model) from exc
+            except _REFUSALS as exc:
+                raise _refused(exc, self.settings.model) from exc
             except (
                 openai.APITimeoutError,
                 openai.APIConnectionError,
@@ -287,14 +281,8 @@ class ChatStream(AsyncIterator[str]):
                 raise CriticUnavailable(
                     "deadline", "the stream outlasted the caller's deadline"
                 ) from exc
-            except openai.BadRequestError as exc:
-                raise CriticUnavailable(
-                    "bad_request", f"the endpoint refused the call: {exc}"
-                ) from exc
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-                raise CriticUnavailable("auth", "the endpoint rejected the API key") from exc
-            except openai.NotFoundError as exc:
-                raise CriticUnavailable("not_found", f"model {settings.model!r} not found") from exc
+            except (openai.BadRequestError, *_REFUSALS) as exc:
+                raise _refused(exc, settings.model) from exc
             except openai.APIError as exc:
                 if started:
                     reason, _ = _classify(exc)
@@ -307,6 +295,19 @@ class ChatStream(AsyncIterator[str]):
                     await stream.close()
             attempt += 1
             await asyncio.sleep(delay)
+
+
+# Answers that retrying cannot change (a bad request is also retried in another format).
+_REFUSALS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+def _refused(exc: openai.APIStatusError, model: str) -> CriticUnavailable:
+    """The endpoint refused the call for good: a bad request, a rejected key, no such model."""
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return CriticUnavailable("auth", "the endpoint rejected the API key")
+    if isinstance(exc, openai.NotFoundError):
+        return CriticUnavailable("not_found", f"model {model!r} not found")
+    return CriticUnavailable("bad_request", f"the endpoint refused the call: {exc}")
 
 
 def _classify(exc: openai.APIError) -> tuple[str, float | None]:
