@@ -68,9 +68,9 @@ class RouteResult:
         neighbors: The nearest exemplars (empty when tier 0 blocked alone).
         index: The index snapshot that was searched (ids, categories, version).
         timings: Time per stage.
-        raised_because: Set when a caller raised the route above what the score
-            says (e.g. an instruction addressed to the assistant inside a tool
-            result): why, in a few words.
+        adjusted_because: Set when a caller changed the route from what the score
+            says (e.g. raised it for an instruction addressed to the assistant
+            inside a tool result): why, in a few words.
     """
 
     route: Route
@@ -82,13 +82,13 @@ class RouteResult:
     neighbors: Neighbors | None
     index: ExemplarIndex
     timings: Timings = field(default_factory=Timings)
-    raised_because: str = ""
+    adjusted_because: str = ""
 
     @property
     def reason(self) -> str:
         """One sentence that says why."""
-        if self.raised_because:
-            return f"{self.raised_because} (risk score {self.risk_score:.3f})"
+        if self.adjusted_because:
+            return f"{self.adjusted_because} (risk score {self.risk_score:.3f})"
         if self.decided_by is Tier.PREFILTER:
             rules = ", ".join(h.rule_id for h in self.hits if h.action is RuleAction.BLOCK)
             return f"blocked by prefilter rule {rules}"

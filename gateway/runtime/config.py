@@ -287,21 +287,31 @@ class ConversationConfig:
         session_turns: Recent user turns read together (the session's, or the
             conversation's when the call names no session), so an attack split
             over turns that each look mild is still seen whole.
-        session_decay: Share of a session's earlier risk kept per turn, in [0, 1].
+        session_decay: Share of a session's earlier risk kept per turn, in [0, 1]:
+            after a turn at risk r, the next turns are escalated while
+            r x decay^n is at or above the policy's escalate_at (with 0.9 and
+            the default 0.75, two turns after a blocked one).
         session_ttl_s: A session unused this long is forgotten.
         max_sessions: Sessions kept in memory; beyond it the least recently used goes.
+        data_score_margin: A tool result's or document's segment escalates on
+            its embedding score alone only from this far between the policy's
+            escalate_at (0) and block_at (1); instructions addressed to the
+            assistant and prefilter rules escalate it whatever the score.
     """
 
     max_messages: int = 200
     max_segments: int = 24
     session_turns: int = 4
-    session_decay: float = 0.7
+    session_decay: float = 0.9
     session_ttl_s: float = 1800.0
     max_sessions: int = 10_000
+    data_score_margin: float = 0.7
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.session_decay <= 1.0:
             raise ValueError("session_decay: must be in [0, 1]")
+        if not 0.0 <= self.data_score_margin <= 1.0:
+            raise ValueError("data_score_margin: must be in [0, 1]")
         for name in ("max_messages", "max_segments", "session_turns", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")

@@ -9,10 +9,17 @@ What is scored, and how:
   answer being checked aside) are scored: a user turn as a prompt; a tool
   result or a document as data, segment by segment (`router.documents`), where
   an instruction addressed to the assistant raises the segment to ESCALATE
-  whatever its score. Earlier messages were checked when they were new.
+  whatever its score. A data segment's score alone escalates it only from
+  `data_score_margin` of the way between escalate_at and block_at (a long
+  document gives the score many chances to cross the prompt threshold; on
+  AgentDojo containers and benign stand-in documents the embedding score added
+  2 points of recall for 11 points of benign escalation at the prompt
+  threshold). Earlier messages were checked when they were new.
 - The recent user turns read together (the session's, or the conversation's
-  when the call names no session) are scored as one text, so an attack split
-  over turns that each look mild is seen whole.
+  when the call names no session) are scored as one text, the last two, the
+  last three and so on each on their own (a benign turn before an attack split
+  in two would dilute it), so an attack split over turns that each look mild
+  is seen whole.
 - With a `session_id`, the session's risk is the highest of this turn's, the
   combined turns' and its earlier risk decayed per turn; when that reaches the
   policy's `escalate_at` the conversation is escalated even if this turn alone
@@ -29,7 +36,7 @@ import asyncio
 from dataclasses import dataclass, replace
 
 from critic.types import Deadline
-from embeddings_index.vocabulary import Role, Route
+from embeddings_index.vocabulary import Role, Route, Tier
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
 from gateway.runtime.errors import InvalidArgument
@@ -145,11 +152,9 @@ async def check_conversation(
             c for i, m in enumerate(history) for c in _candidates(i, m, settings.max_segments)
         ]
     user_indices = [i for i, m in enumerate(history) if m.role is Role.USER]
-    if len(turns) >= 2 and user_indices:
-        combined = "\n".join(turns)[-gateway.config.server.max_text_chars :]
-        candidates.append(
-            _Candidate(combined, DrivingMessage(user_indices[-1], Role.USER, (0, 0), len(turns)))
-        )
+    if user_indices:
+        limit = gateway.config.server.max_text_chars
+        candidates += combined_turns(turns, user_indices[-1], max_chars=limit)
     routes = await asyncio.gather(*(_scored(gateway, c, policy) for c in candidates))
     scored = [(c, r) for c, r in zip(candidates, routes, strict=True) if r is not None]
 
@@ -183,6 +188,19 @@ async def check_conversation(
     return ConversationResult(result, driver, session, is_response)
 
 
+def combined_turns(turns: list[str], index: int, *, max_chars: int) -> list[_Candidate]:
+    """The last 2, 3, ... of `turns` each read together (a benign turn before an attack
+    split in two must not dilute it), driven by the user message at `index`; each text
+    keeps its last `max_chars` characters."""
+    return [
+        _Candidate(
+            "\n".join(turns[-count:])[-max_chars:],
+            DrivingMessage(index, Role.USER, (0, 0), count),
+        )
+        for count in range(2, len(turns) + 1)
+    ]
+
+
 def _candidates(index: int, message: ChatMessage, max_segments: int) -> list[_Candidate]:
     """What of one new message is scored: a user turn whole, data by segments."""
     if message.role is Role.USER:
@@ -200,8 +218,10 @@ def _candidates(index: int, message: ChatMessage, max_segments: int) -> list[_Ca
 
 
 async def _scored(gateway: Gateway, candidate: _Candidate, policy: Policy) -> RouteResult | None:
-    """The candidate's route (None when nothing of it is left after normalisation);
-    a data segment that addresses the assistant is raised to ESCALATE."""
+    """The candidate's route (None when nothing of it is left after normalisation),
+    adjusted for what the candidate is: a data segment that addresses the assistant
+    is raised to ESCALATE, one escalated by its score alone below the data threshold
+    is not; turns read together never block."""
     try:
         routed = await route(gateway, candidate.text, policy)
     except EmptyAfterNormalization:
@@ -214,20 +234,44 @@ async def _scored(gateway: Gateway, candidate: _Candidate, policy: Policy) -> Ro
         # turns read together may escalate, never block: a block is for what was said now
         return replace(
             routed, route=Route.ESCALATE,
-            raised_because=(
+            adjusted_because=(
                 f"the last {candidate.driver.combined_turns} user turns read together are "
                 "risky (each alone is judged on its own)"
             ),
         )  # fmt: skip
+    data = candidate.driver.role.is_data
+    if data and not candidate.addressed and _by_score_only(routed):
+        threshold = _data_threshold(policy, gateway.config.conversation.data_score_margin)
+        if routed.risk_score < threshold:  # many segments, many chances: a higher bar
+            return replace(
+                routed, route=Route.ALLOW,
+                adjusted_because=(
+                    f"a segment of {candidate.driver.role.value} data escalates on its score "
+                    f"alone only at {threshold:.3f} or above"
+                ),
+            )  # fmt: skip
     if candidate.addressed and routed.route is Route.ALLOW:
         return replace(
             routed, route=Route.ESCALATE,
-            raised_because=(
+            adjusted_because=(
                 f"an instruction addressed to the assistant inside message "
                 f"{candidate.driver.index} ({candidate.driver.role.value} data)"
             ),
         )  # fmt: skip
     return routed
+
+
+def _by_score_only(routed: RouteResult) -> bool:
+    """Escalated by the embedding score alone (no prefilter rule decided or signalled)."""
+    return (
+        routed.route is Route.ESCALATE and routed.decided_by is Tier.EMBEDDING and not routed.hits
+    )
+
+
+def _data_threshold(policy: Policy, margin: float) -> float:
+    """Where a data segment's score alone escalates: `margin` of the way from the
+    policy's escalate_at to its block_at."""
+    return policy.escalate_at + margin * (policy.block_at - policy.escalate_at)
 
 
 def _drive(
@@ -240,12 +284,12 @@ def _drive(
         return None, None
     candidate, routed = max(scored, key=lambda cr: (_ROUTE_ORDER[cr[1].route], cr[1].risk_score))
     if routed.route is Route.ALLOW and session_risk >= policy.escalate_at:
-        candidate, routed = next(
-            ((c, r) for c, r in scored if c.driver.combined_turns), (candidate, routed)
-        )
+        combined = [(c, r) for c, r in scored if c.driver.combined_turns]
+        if combined:
+            candidate, routed = max(combined, key=lambda cr: cr[1].risk_score)
         routed = replace(
             routed, route=Route.ESCALATE,
-            raised_because=(
+            adjusted_because=(
                 f"the session's risk {session_risk:.3f} is at or above escalate_at "
                 f"{policy.escalate_at:.3f}"
             ),

@@ -341,5 +341,5 @@ def _unrouted(gateway: Gateway, policy: Policy) -> RouteResult:
         route=Route.ALLOW, decided_by=Tier.EMBEDDING, risk_score=0.0,
         thresholds=policy.thresholds, normalized=NormalizedText("", ""), hits=(),
         neighbors=None, index=gateway.index.index,
-        raised_because="no user prompt in the stream's context to score",
+        adjusted_because="no user prompt in the stream's context to score",
     )  # fmt: skip

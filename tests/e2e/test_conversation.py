@@ -136,9 +136,10 @@ async def test_an_overlong_session_id_is_invalid_argument(
 async def session_stub(
     request: pytest.FixtureRequest, data_dir: Path, embedder: SentenceTransformerEmbedder
 ) -> AsyncIterator[pb_grpc.GuardrailServiceStub]:
-    """A gateway whose sessions keep 90% of their risk per turn, reading the last 4 user
-    turns together, or only the last (so only the decayed risk carries over)."""
-    settings = ConversationConfig(session_decay=0.9, session_turns=request.param)
+    """A gateway with the default session decay, reading the last 4 user turns together,
+    or only the last (so only the decayed risk carries over: with a decay below
+    escalate_at, as 0.7 was, it never escalated anything)."""
+    settings = ConversationConfig(session_turns=request.param)
     config = make_config(data_dir, conversation=settings)
     running = await start_server(Gateway.create(config, embedder=embedder), port=0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

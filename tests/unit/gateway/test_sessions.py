@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.runtime.conversation import combined_turns
 from gateway.runtime.sessions import SessionStore
 
 
@@ -56,3 +57,12 @@ def test_the_least_recently_used_session_goes_beyond_the_bound() -> None:
     assert len(sessions) == 3
     assert sessions.recent_turns("a", "s2", []) == []  # the least recently used went
     assert sessions.recent_turns("a", "s1", []) == ["s1", "again"]
+
+
+def test_recent_turns_are_read_together_two_three_and_four_at_a_time() -> None:
+    turns = ["hello", "first half of a request", "second half of it", "and the end"]
+    combined = combined_turns(turns, 7, max_chars=30)
+    assert [c.driver.combined_turns for c in combined] == [2, 3, 4]
+    assert combined[0].text == "second half of it\nand the end"  # no earlier turn dilutes it
+    assert all(len(c.text) <= 30 and c.driver.index == 7 for c in combined)
+    assert combined_turns(["only one"], 0, max_chars=30) == []
