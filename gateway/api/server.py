@@ -107,10 +107,17 @@ async def start_server(
     config = gateway.config.server
     if max_checks_per_caller is None:
         max_checks_per_caller = config.max_checks_per_caller
+    tracing = (
+        # outermost: the request's span (continuing the caller's traceparent); only when
+        # spans are recorded (the instrumentation logs spurious "Failed to detach
+        # context" errors for cancelled streams, open-telemetry-python-contrib#2357)
+        [aio_server_interceptor(tracer_provider=gateway.tracer_provider)]  # type: ignore[no-untyped-call]
+        if gateway.tracer_provider is not None
+        else []
+    )
     server = grpc.aio.server(
         interceptors=[
-            # outermost: the request's span (continuing the caller's traceparent)
-            aio_server_interceptor(tracer_provider=gateway.tracer_provider),  # type: ignore[no-untyped-call]
+            *tracing,
             GatewayInterceptor(
                 check_services={GUARDRAIL_SERVICE},
                 admin_services={ADMIN_SERVICE},

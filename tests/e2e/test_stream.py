@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -276,3 +277,24 @@ async def test_streams_need_a_key_where_checks_do(
 
 async def _drain(responses: AsyncIterator[object]) -> list[object]:
     return [r async for r in responses]
+
+
+async def test_a_cancelled_stream_is_no_error_in_the_log(
+    stub: pb_grpc.GuardrailServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    arrived = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.CheckStreamRequest]:
+        yield pb.CheckStreamRequest(start=pb.StreamStart(mode=pb.STREAM_MODE_STREAM_FIRST))
+        yield pb.CheckStreamRequest(chunk="Here is the first part of the answer, ")
+        await asyncio.Event().wait()  # the model stalls; the caller gives up
+
+    call = stub.CheckStream(requests(), timeout=30)
+    async for response in call:
+        if response.release:
+            arrived.set()
+            break
+    call.cancel()
+    await asyncio.sleep(0.3)  # the server sees the cancellation
+    assert arrived.is_set()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
