@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from critic.types import Deadline
 from embeddings_index.vocabulary import Role, Route, Tier
 from gateway.runtime.app import Gateway
@@ -158,16 +160,17 @@ async def check_conversation(
     routes = await asyncio.gather(*(_scored(gateway, c, policy) for c in candidates))
     scored = [(c, r) for c, r in zip(candidates, routes, strict=True) if r is not None]
 
-    turn_risk = max((r.risk_score for c, r in scored if not c.driver.combined_turns), default=0.0)
-    combined_risk = max((r.risk_score for c, r in scored if c.driver.combined_turns), default=0.0)
+    turn_risk = max((_effective_risk(r) for _, r in scored), default=0.0)
+    combined_risk = max(
+        (_effective_risk(r) for c, r in scored if c.driver.combined_turns), default=0.0
+    )
     session: SessionReport | None = None
-    session_risk = max(turn_risk, combined_risk)
+    carried = gateway.sessions.carried_risk(owner, session_id) if session_id else 0.0
     if session_id:
-        state = gateway.sessions.record(owner, session_id, new_user_turns, session_risk)
-        session_risk = state.risk
+        state = gateway.sessions.record(owner, session_id, new_user_turns, turn_risk)
         session = SessionReport(session_id, state.risk, state.turns, combined_risk)
 
-    chosen, routed = _drive(scored, policy, session_risk)
+    chosen, routed = _drive(scored, policy, carried)
     driver = chosen.driver if chosen is not None else DrivingMessage(len(messages) - 1, Role.USER)
     if is_response:
         prompt = next((m.content for m in reversed(history) if m.role is Role.USER), "")
@@ -274,16 +277,27 @@ def _data_threshold(policy: Policy, margin: float) -> float:
     return policy.escalate_at + margin * (policy.block_at - policy.escalate_at)
 
 
+def _effective_risk(routed: RouteResult) -> float:
+    """The risk a candidate passes on to its session: its score, kept below the
+    route's escalate_at when the route was lowered to ALLOW (a long document's
+    segment below the data threshold must not escalate the next turns)."""
+    if routed.route is Route.ALLOW:
+        return min(routed.risk_score, float(np.nextafter(routed.thresholds.escalate_at, 0.0)))
+    return routed.risk_score
+
+
 def _drive(
-    scored: list[tuple[_Candidate, RouteResult]], policy: Policy, session_risk: float
+    scored: list[tuple[_Candidate, RouteResult]], policy: Policy, carried_risk: float
 ) -> tuple[_Candidate | None, RouteResult | None]:
     """The riskiest candidate and its route: the strongest route first, then the highest
-    score. When that route is ALLOW but the session's risk reaches `escalate_at`, the
-    recent turns read together (else the riskiest message) are escalated."""
+    score. When that route is ALLOW but the session's risk carried from earlier turns
+    reaches `escalate_at`, the recent turns read together (else the riskiest message)
+    are escalated."""
     if not scored:
         return None, None
     candidate, routed = max(scored, key=lambda cr: (_ROUTE_ORDER[cr[1].route], cr[1].risk_score))
-    if routed.route is Route.ALLOW and session_risk >= policy.escalate_at:
+    session_risk = carried_risk
+    if routed.route is Route.ALLOW and session_risk > 0.0 and session_risk >= policy.escalate_at:
         combined = [(c, r) for c, r in scored if c.driver.combined_turns]
         if combined:
             candidate, routed = max(combined, key=lambda cr: cr[1].risk_score)

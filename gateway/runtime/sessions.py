@@ -71,19 +71,25 @@ class SessionStore:
         earlier = session.recent_turns if session is not None else []
         return [*earlier, *new_turns][-self._turns_kept :]
 
+    def carried_risk(self, owner: str, session_id: str) -> float:
+        """What the session's earlier turns pass on to the next: its risk times `decay`."""
+        session = self._live(owner, session_id)
+        return session.risk * self._decay if session is not None else 0.0
+
     def record(
         self, owner: str, session_id: str, new_turns: Sequence[str], turn_risk: float
     ) -> Session:
         """Add a turn: its user texts and its risk; returns the session as it now stands.
 
         The session's risk is the highest of this turn's risk and its earlier
-        risk times `decay`.
+        risk times `decay` (`carried_risk`).
         """
         now = self._clock()
         key = (owner, session_id)
+        carried = self.carried_risk(owner, session_id)
         session = self._live(owner, session_id) or Session()
         session.recent_turns = [*session.recent_turns, *new_turns][-self._turns_kept :]
-        session.risk = max(turn_risk, session.risk * self._decay)
+        session.risk = max(turn_risk, carried)
         session.turns += 1
         session.last_seen = now
         self._sessions[key] = session

@@ -167,3 +167,16 @@ async def test_a_session_stays_risky_after_a_risky_turn(
 
     other_session = await converse(session_stub, follow_up, session_id="s-2")
     assert other_session.verdict.decision == pb.DECISION_ALLOW
+
+
+async def test_data_escalates_on_its_score_alone_only_above_the_data_threshold(
+    stub: pb_grpc.GuardrailServiceStub,
+) -> None:
+    # critic-all escalates every prompt (escalate_at 0, block_at 1): data needs 0.7
+    receipt = "amount: 10.0\ndate: '2022-03-07'\nrecipient: me\nsubject: Sushi dinner"
+    as_prompt = await stub.CheckPrompt(pb.CheckPromptRequest(text=receipt, policy="critic-all"))
+    assert as_prompt.verdict.escalated and as_prompt.verdict.risk_score < 0.7
+    reply = await converse(stub, pb.Message(role=pb.ROLE_TOOL, content=receipt),
+                           policy="critic-all")  # fmt: skip
+    assert reply.verdict.decision == pb.DECISION_ALLOW and not reply.verdict.escalated
+    assert "data escalates on its score alone only at 0.700" in reply.verdict.reason
