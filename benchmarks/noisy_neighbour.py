@@ -32,9 +32,7 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,7 +42,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ChildServer
 
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
@@ -101,43 +99,21 @@ async def serve(args: argparse.Namespace) -> None:
     await running.stop(grace_seconds=0)
 
 
-class ServerProcess:
+class ServerProcess(ChildServer):
     """The server in a subprocess, with its CPU time."""
 
     def __init__(self, cap: int, args: argparse.Namespace) -> None:
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--serve-cap",
-            str(cap),
-            "--callers",
-            str(args.callers),
-            "--work-dir",
-            str(args.work_dir),
-        ]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            self.proc.kill()
-            raise RuntimeError(f"the server did not start (exit {self.proc.wait()})")
-        self.port = int(line.split()[1])
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(
+            __file__,
+            [
+                "--serve-cap",
+                str(cap),
+                "--callers",
+                str(args.callers),
+                "--work-dir",
+                str(args.work_dir),
+            ],
+        )
 
 
 # -- the clients ----------------------------------------------------------------------
