@@ -246,3 +246,14 @@ async def test_expected_errors_are_one_line_and_exit_2(
     assert code == 2, err
     assert len(err.splitlines()) == 1, err  # no traceback, no faiss loader lines
     assert err.startswith("tierguard: ") and expected in err
+
+
+def test_an_unknown_log_format_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli.main import main
+
+    monkeypatch.setenv("TIERGUARD_LOG_FORMAT", "xml")
+    assert main(["check", "hello", "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TIERGUARD_LOG_FORMAT" in err and "json" in err
