@@ -22,12 +22,23 @@ index of every risky text of the other files, flag when the nearest one is
 within cosine distance 0.4 (similarity >= 0.6), and the same baseline with
 its threshold chosen by the rule above.
 
+With `groups=K` the unit held out is a group of sources instead of one file
+(`group_sources`: K groups, sources with risky rows dealt round-robin, then
+the benign-only ones, so every group holds both kinds where it can): the
+scorer of a held-out group never saw any file of it, and its threshold comes
+from the other groups. K folds instead of one per file make the nested
+calibration affordable (K + K(K-1) fits instead of n + n(n-1)), and a whole
+group of unseen sources is closer to unseen traffic than one file. Every rule
+reports the worst held-out group's recall and the worst ordinary-benign
+source's escalation beside the pooled figures.
+
 Everything here is pure given the vectors; a `VectorCache` keeps them on disk,
 so a run embeds each text once.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +48,12 @@ from embeddings_index.store import Exemplar
 from embeddings_index.vector_cache import VectorCache
 from embeddings_index.vocabulary import Label, Route
 from router.decision import lowest_threshold_at_rate
-from router.evaluation import GroupReport, LabelledText, report_by_file_and_category
+from router.evaluation import (
+    GroupReport,
+    LabelledText,
+    report_by_file_and_category,
+    report_groups,
+)
 from router.normalize import normalize
 from router.prefilter import Prefilter, RuleAction
 from router.scoring import sigmoid
@@ -60,6 +76,7 @@ __all__ = [
     "cross_source",
     "cut",
     "format_cross_source",
+    "group_sources",
     "leave_one_source_out",
     "quantile_thresholds",
     "router_method",
@@ -244,43 +261,61 @@ def vigil_method(corpus: Corpus) -> Method:
 
 @dataclass(frozen=True)
 class FoldedScores:
-    """A method's leave-one-source-out scores and, per fold, its calibration scores.
+    """A method's held-out scores and, per fold, its calibration scores.
 
     Attributes:
-        scores: Each row's score by the model fitted without the row's file.
-        calibration: Per held-out file, the ordinary-benign scores of the other
-            files, each scored by a model fitted without it and without the
-            held-out file (nested leave-one-source-out).
+        scores: Each row's score by the model fitted without the row's unit.
+        calibration: Per held-out unit, the ordinary-benign scores of the other
+            units, each scored by a model fitted without it and without the
+            held-out unit (nested: the held-out unit never sets its own threshold).
+        unit_of: The unit (a file, or a group of files) each file is held out in.
     """
 
     scores: np.ndarray
     calibration: Mapping[str, np.ndarray]
+    unit_of: Mapping[str, str] = field(default_factory=dict)
 
 
-def leave_one_source_out(corpus: Corpus, method: Method) -> FoldedScores:
-    """Score every file with `method` fitted on the others, plus nested calibration scores."""
-    names = corpus.file_names
-    everything = frozenset(names)
+def group_sources(corpus: Corpus, count: int) -> dict[str, str]:
+    """`count` groups of the corpus's files: those with risky rows dealt round-robin in
+    name order, then the benign-only ones, continuing the deal ("group 1", ...)."""
+    if count < 2:
+        raise ValueError("groups: at least 2")
+    with_risky = [f for f in corpus.file_names if corpus.risky[corpus.files == f].any()]
+    benign_only = [f for f in corpus.file_names if f not in with_risky]
+    return {f: f"group {i % count + 1}" for i, f in enumerate([*with_risky, *benign_only])}
+
+
+def leave_one_source_out(
+    corpus: Corpus, method: Method, groups: Mapping[str, str] | None = None
+) -> FoldedScores:
+    """Score every unit (a file, or with `groups` a group of files) with `method`
+    fitted on the others, plus nested calibration scores."""
+    unit_of = dict(groups) if groups else {f: f for f in corpus.file_names}
+    units = sorted(set(unit_of.values()))
+    files_of = {u: frozenset(f for f, g in unit_of.items() if g == u) for u in units}
+    everything = frozenset(corpus.file_names)
     fitted: dict[frozenset[str], Scorer] = {}
 
-    def scorer(excluded: frozenset[str]) -> Scorer:
-        if excluded not in fitted:
-            fitted[excluded] = method(everything - excluded)
-        return fitted[excluded]
+    def scorer(excluded_units: frozenset[str]) -> Scorer:
+        if excluded_units not in fitted:
+            excluded = frozenset().union(*(files_of[u] for u in excluded_units))
+            fitted[excluded_units] = method(everything - excluded)
+        return fitted[excluded_units]
 
-    rows_of = {f: np.flatnonzero(corpus.files == f) for f in names}
-    benign_of = {f: corpus.ordinary_benign(rows_of[f]) for f in names}
+    rows_of = {u: np.flatnonzero(np.isin(corpus.files, list(files_of[u]))) for u in units}
+    benign_of = {u: corpus.ordinary_benign(rows_of[u]) for u in units}
     scores = np.full(len(corpus.rows), np.nan)
     calibration: dict[str, np.ndarray] = {}
-    for held_out in names:
+    for held_out in units:
         scores[rows_of[held_out]] = scorer(frozenset({held_out}))(rows_of[held_out])
         parts = [
             scorer(frozenset({held_out, other}))(benign_of[other])
-            for other in names
+            for other in units
             if other != held_out and len(benign_of[other])
         ]
         calibration[held_out] = np.concatenate(parts) if parts else np.zeros(0)
-    return FoldedScores(scores, calibration)
+    return FoldedScores(scores, calibration, unit_of)
 
 
 @dataclass(frozen=True)
@@ -293,6 +328,7 @@ class RuleResult:
         files: One report per held-out file.
         overall: All held-out rows pooled (each scored by its own fold's model).
         categories: Pooled, per category.
+        units: One report per held-out group (empty when each file is its own unit).
     """
 
     name: str
@@ -300,15 +336,32 @@ class RuleResult:
     files: Sequence[GroupReport]
     overall: GroupReport
     categories: Sequence[GroupReport]
+    units: Sequence[GroupReport] = ()
+
+    @property
+    def worst_recall(self) -> GroupReport | None:
+        """The held-out unit (group, else file) with risky rows caught least."""
+        units = [r for r in (self.units or self.files) if r.recall_risky is not None]
+        return min(units, key=lambda r: r.recall_risky or 0.0, default=None)
+
+    @property
+    def worst_benign(self) -> GroupReport | None:
+        """The source whose ordinary benign rows are escalated most."""
+        files = [r for r in self.files if r.escalation_benign is not None]
+        return max(files, key=lambda r: r.escalation_benign or 0.0, default=None)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready values."""
+        worst_recall, worst_benign = self.worst_recall, self.worst_benign
         return {
             "name": self.name,
             "thresholds": dict(self.thresholds),
             "files": [r.as_dict() for r in self.files],
+            "units": [r.as_dict() for r in self.units],
             "overall": self.overall.as_dict(),
             "categories": [r.as_dict() for r in self.categories],
+            "worst_recall": worst_recall.as_dict() if worst_recall else None,
+            "worst_benign": worst_benign.as_dict() if worst_benign else None,
         }
 
 
@@ -318,17 +371,26 @@ def cut(
     thresholds: Mapping[str, float],
     name: str,
 ) -> RuleResult:
-    """Route every row at its fold's threshold and report."""
-    t = np.array([thresholds[f] for f in corpus.files.tolist()])
+    """Route every row at its fold's threshold (`thresholds` by held-out unit) and report."""
+    unit_of = folded.unit_of or {f: f for f in corpus.file_names}
+    per_file = {f: thresholds[unit_of[f]] for f in corpus.file_names}
+    t = np.array([per_file[f] for f in corpus.files.tolist()])
     caught = folded.scores >= t
     routes = [Route.ESCALATE if c else Route.ALLOW for c in caught]
     reports = report_by_file_and_category(corpus.rows, routes, folded.scores.tolist())
+    units: list[GroupReport] = []
+    if any(u != f for f, u in unit_of.items()):
+        members = defaultdict(list)
+        for i, f in enumerate(corpus.files.tolist()):
+            members[unit_of[f]].append(i)
+        units = report_groups(corpus.rows, routes, folded.scores.tolist(), sorted(members.items()))
     return RuleResult(
         name=name,
-        thresholds=dict(thresholds),
+        thresholds=per_file,
         files=reports["file"],
         overall=reports["overall"][0],
         categories=reports["category"],
+        units=units,
     )
 
 
@@ -343,11 +405,14 @@ class CrossSourceResult:
 
     target: float
     results: Sequence[RuleResult]
+    groups: Mapping[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready values."""
         return {
             "target_benign_escalation": self.target,
+            "held_out": "groups of sources" if self.groups else "one source at a time",
+            "groups": dict(self.groups),
             "results": [r.as_dict() for r in self.results],
         }
 
@@ -359,10 +424,13 @@ def cross_source(
     policy_escalate_at: float | None = None,
     vigil_max_distance: float = 0.4,
     extra_methods: Iterable[tuple[str, Method]] = (),
+    groups: int = 0,
 ) -> CrossSourceResult:
-    """The router and the Vigil-style baseline, leave-one-source-out on the same splits.
+    """The router and the Vigil-style baseline, held out on the same splits.
 
     Args:
+        groups: Hold out groups of sources (`group_sources`) instead of one file
+            at a time; 0: one file at a time.
         target: Share of ordinary-benign training traffic `escalate_at` may escalate.
         policy_escalate_at: Also report the router at this fixed threshold.
         vigil_max_distance: The baseline flags at cosine distance <= this.
@@ -370,29 +438,30 @@ def cross_source(
     """
     pct = f"{target * 100:g}%"
     results = []
+    grouping = group_sources(corpus, groups) if groups else None
     methods = [("router", router_method(corpus)), *extra_methods]
     for name, method in methods:
-        folded = leave_one_source_out(corpus, method)
+        folded = leave_one_source_out(corpus, method, grouping)
         results.append(
             cut(corpus, folded, quantile_thresholds(folded, target), f"{name} @ {pct} benign")
         )
         if policy_escalate_at is not None and name == "router":
-            fixed = dict.fromkeys(corpus.file_names, policy_escalate_at)
+            fixed = dict.fromkeys(folded.calibration, policy_escalate_at)
             results.append(
                 cut(corpus, folded, fixed, f"{name} @ policy escalate_at {policy_escalate_at:g}")
             )
-    vigil = leave_one_source_out(corpus, vigil_method(corpus))
+    vigil = leave_one_source_out(corpus, vigil_method(corpus), grouping)
     similarity = 1.0 - vigil_max_distance
     results.append(
         cut(
             corpus,
             vigil,
-            dict.fromkeys(corpus.file_names, similarity),
+            dict.fromkeys(vigil.calibration, similarity),
             f"vigil @ distance <= {vigil_max_distance:g}",
         )
     )
     results.append(cut(corpus, vigil, quantile_thresholds(vigil, target), f"vigil @ {pct} benign"))
-    return CrossSourceResult(target, results)
+    return CrossSourceResult(target, results, grouping or {})
 
 
 def _fmt(value: float | None, width: int) -> str:
@@ -400,17 +469,28 @@ def _fmt(value: float | None, width: int) -> str:
 
 
 def format_cross_source(result: CrossSourceResult, *, categories: bool = True) -> str:
-    """Aligned text tables: per method and rule, per held-out file, then overall."""
+    """Aligned text tables: per method and rule, per held-out file (and group), the
+    pooled figures, the worst held-out group's recall and the worst benign source."""
     header = (
         f"{'held-out file':<36} {'n':>6} {'thresh':>7} {'recall':>7} "
         f"{'esc_ben':>8} {'esc_hard':>8} {'auroc':>6}"
     )
     lines = []
+    if result.groups:
+        count = len(set(result.groups.values()))
+        lines.append(f"held out: {count} groups of sources (each fold never saw its group)")
+        for group in sorted(set(result.groups.values())):
+            members = sorted(f for f, g in result.groups.items() if g == group)
+            lines.append(f"  {group}: {', '.join(members)}")
+        lines.append("")
     for rule in result.results:
         lines += [rule.name, header, "-" * len(header)]
         for r in rule.files:
             t = rule.thresholds.get(r.group)
             lines.append(_line(r, t))
+        if rule.units:
+            lines.append("")
+            lines += [_line(r, None, prefix="held-out ") for r in rule.units]
         if categories:
             lines.append("")
             lines += [_line(r, None, prefix="category ") for r in rule.categories]
@@ -418,15 +498,26 @@ def format_cross_source(result: CrossSourceResult, *, categories: bool = True) -
         lines.append(_line(rule.overall, None, name="overall (pooled)"))
         lines.append("")
     lines.append("summary (pooled over held-out files)")
-    summary = f"{'method @ rule':<48} {'recall':>7} {'esc_ben':>8} {'esc_hard':>8} {'auroc':>6}"
+    lines.append("worst_rec: the held-out unit caught least; worst_ben: the source escalated most")
+    summary = (
+        f"{'method @ rule':<44} {'recall':>7} {'esc_ben':>8} {'esc_hard':>8} {'auroc':>6} "
+        f"{'worst_rec':>9} {'worst_ben':>9}"
+    )
     lines += [summary, "-" * len(summary)]
     for rule in result.results:
-        o = rule.overall
+        o, wr, wb = rule.overall, rule.worst_recall, rule.worst_benign
         lines.append(
-            f"{rule.name[:48]:<48} {_fmt(o.recall_risky, 7)} {_fmt(o.escalation_benign, 8)} "
-            f"{_fmt(o.escalation_benign_hard, 8)} {_fmt(o.auroc, 6)}"
+            f"{rule.name[:44]:<44} {_fmt(o.recall_risky, 7)} {_fmt(o.escalation_benign, 8)} "
+            f"{_fmt(o.escalation_benign_hard, 8)} {_fmt(o.auroc, 6)} "
+            f"{_fmt(wr.recall_risky if wr else None, 9)} "
+            f"{_fmt(wb.escalation_benign if wb else None, 9)}"
         )
-    return "\n".join(lines)
+    worst = [
+        f"  {rule.name}: worst recall {rule.worst_recall.group if rule.worst_recall else '-'}; "
+        f"worst benign {rule.worst_benign.group if rule.worst_benign else '-'}"
+        for rule in result.results
+    ]
+    return "\n".join([*lines, "", "worst units:", *worst])
 
 
 def _line(r: GroupReport, t: float | None, *, prefix: str = "", name: str | None = None) -> str:

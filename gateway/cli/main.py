@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                                "other files, score the held-out one; with the Vigil baseline")  # fmt: skip
     evaluate.add_argument("--cache", type=Path, metavar="FILE",
                           help="vector cache for --cross-source (default: DATA_DIR/eval-vectors.npz)")  # fmt: skip
+    evaluate.add_argument("--groups", type=int, default=0, metavar="K",
+                          help="--cross-source: hold out K groups of sources instead of one "
+                               "file at a time (faster, and closer to unseen traffic)")  # fmt: skip
     evaluate.add_argument("--target-escalation", type=float, default=0.03, metavar="RATE",
                           help="--cross-source: escalate_at escalates this share of the training "
                                "files' ordinary benign (default 0.03)")  # fmt: skip
@@ -259,7 +262,7 @@ def _eval(args: argparse.Namespace) -> int:
         with _user_errors():
             result = evaluate_cross_source(
                 config, args.data, policy_name=args.policy, cache_path=args.cache,
-                target=args.target_escalation,
+                target=args.target_escalation, groups=args.groups,
             )  # fmt: skip
         print(json.dumps(result.as_dict(), indent=1) if args.json else format_cross_source(result))
         return 0

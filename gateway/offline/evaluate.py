@@ -175,8 +175,10 @@ def evaluate_cross_source(
     embedder: Embedder | None = None,
     cache_path: Path | None = None,
     target: float = 0.03,
+    groups: int = 0,
 ) -> CrossSourceResult:
-    """Leave-one-source-out over `paths`: the router and the Vigil-style baseline.
+    """Leave-one-source-out over `paths` (or, with `groups`, leave one group of
+    sources out): the router and the Vigil-style baseline.
 
     The index is the shipped starter pack alone; the scorer is refitted per
     fold with the shipped model's k, temperature and windows and
@@ -214,7 +216,9 @@ def evaluate_cross_source(
         prefilter=Prefilter.from_directory(),
         settings=settings,
     )
-    return cross_source(corpus, target=target, policy_escalate_at=policy.thresholds.escalate_at)
+    return cross_source(
+        corpus, target=target, policy_escalate_at=policy.thresholds.escalate_at, groups=groups
+    )
 
 
 def format_reports(reports: dict[str, list[GroupReport]]) -> str:

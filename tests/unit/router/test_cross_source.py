@@ -8,6 +8,7 @@ from router.cross_source import (
     Corpus,
     cross_source,
     format_cross_source,
+    group_sources,
     leave_one_source_out,
     vigil_method,
 )
@@ -89,3 +90,41 @@ def test_the_report_has_the_router_the_policy_row_and_the_baseline() -> None:
     text = format_cross_source(result)
     assert "summary (pooled over held-out files)" in text and "c.jsonl" in text
     assert result.as_dict()["target_benign_escalation"] == 0.1
+
+
+def test_a_held_out_group_is_never_scored_or_calibrated_by_a_model_that_saw_any_of_it() -> None:
+    data = corpus()
+    groups = {"a.jsonl": "g1", "b.jsonl": "g1", "c.jsonl": "g2"}
+    fitted_on: list[frozenset[str]] = []
+
+    def method(train: frozenset[str]):
+        fitted_on.append(train)
+        return lambda idx: np.full(len(idx), float(len(train)))
+
+    folded = leave_one_source_out(data, method, groups)
+    held_g1 = np.isin(data.files, ["a.jsonl", "b.jsonl"])
+    assert np.all(folded.scores[held_g1] == 1.0)  # scored by the model of c alone
+    assert np.all(folded.scores[~held_g1] == 2.0)  # c scored by the model of a and b
+    assert set(folded.calibration) == {"g1", "g2"}
+    assert all(np.all(c == 0.0) for c in folded.calibration.values())  # nested: nothing left
+    assert set(fitted_on) == {
+        frozenset({"c.jsonl"}),
+        frozenset({"a.jsonl", "b.jsonl"}),
+        frozenset(),
+    }
+
+
+def test_groups_deal_sources_with_risky_rows_first_and_report_the_worst() -> None:
+    data = corpus()
+    assert group_sources(data, 2) == {
+        "a.jsonl": "group 1",
+        "b.jsonl": "group 2",
+        "c.jsonl": "group 1",
+    }
+    result = cross_source(data, groups=2)
+    router = result.results[0]
+    assert [r.group for r in router.units] == ["group 1", "group 2"]
+    assert router.worst_recall is not None and router.worst_recall.group in ("group 1", "group 2")
+    assert router.worst_benign is not None and router.worst_benign.group in FILES
+    text = format_cross_source(result)
+    assert "held out: 2 groups of sources" in text and "worst_rec" in text
