@@ -53,6 +53,13 @@ class Timings:
     embed_ms: float = 0.0
     search_ms: float = 0.0
 
+    def stages(self) -> list[tuple[str, float]]:
+        """(stage, milliseconds) in the order the router runs them."""
+        return [
+            ("normalize", self.normalize_ms), ("prefilter", self.prefilter_ms),
+            ("embed", self.embed_ms), ("search", self.search_ms),
+        ]  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class RouteResult:

@@ -123,7 +123,8 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self, request_iterator: AsyncIterator[pb.CheckStreamRequest], context: ServicerContext
     ) -> AsyncIterator[pb.CheckStreamResponse]:
         start = time.perf_counter()
-        first = await anext(aiter(request_iterator), None)
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
         if first is None:
             return
         if first.WhichOneof("event") != "start":
@@ -141,7 +142,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         event = await check.start()
         index = 0
         while not event.stopped:
-            request = await anext(aiter(request_iterator), None)
+            request = await anext(requests, None)
             if request is None:
                 event = await check.finish()
                 break
@@ -160,7 +161,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 yield pb.CheckStreamResponse(release=event.release)
         yield self._stream_response(event, check, start)
         if event.stopped:  # read what the client still sends, so its writes do not fail
-            async for _ in aiter(request_iterator):
+            async for _ in requests:
                 pass
 
     async def GenerateStream(
@@ -227,21 +228,20 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                     f"{field}[{i}].role",
                     "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL or ROLE_DOCUMENT",
                 )
-            content = message.content
-            last = i == len(messages) - 1
-            if role is Role.ASSISTANT and not (last and not for_stream):
-                content = self._text_or_empty(f"{field}[{i}].content", content)
+            # an earlier assistant turn may be empty (e.g. it only called a tool);
+            # the answer a conversation check is about may not
+            checked_answer = not for_stream and i == len(messages) - 1
+            may_be_empty = role is Role.ASSISTANT and not checked_answer
+            if may_be_empty and not message.content.strip():
+                content = ""
             else:
-                content = self._text(f"{field}[{i}].content", content)
+                content = self._text(f"{field}[{i}].content", message.content)
             out.append(ChatMessage(role, content))
         if not for_stream and not any(m.role in _CHECKED_ROLES for m in out):
             raise InvalidArgument(
                 field, "needs at least one user, tool or document message to check"
             )
         return out
-
-    def _text_or_empty(self, field: str, text: str) -> str:
-        return self._text(field, text) if text.strip() else ""
 
     def _record(self, rpc: str, result: CheckResult, text: str) -> None:
         """Count the verdict and append it to the decision log."""

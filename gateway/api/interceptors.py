@@ -145,11 +145,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _wrap(self, behavior: Behavior, rpc: str, *, admin: bool) -> Behavior:
         async def wrapper(request: Any, context: ServicerContext) -> Any:
             async with self._admitted(context, rpc, admin=admin):
-                if request is _UNDECODABLE:
-                    raise InvalidArgument(
-                        "request", "the message could not be decoded; strings must be valid UTF-8"
-                    )
-                return await behavior(request, context)
+                return await behavior(_decodable(request), context)
             raise AssertionError("unreachable: an error ends the call with its status")
 
         return wrapper
@@ -172,11 +168,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def wrapper(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
             async with self._admitted(context, rpc, admin=False), self._streaming():
-                if request is _UNDECODABLE:
-                    raise InvalidArgument(
-                        "request", "the message could not be decoded; strings must be valid UTF-8"
-                    )
-                async for response in behavior(request, context):
+                async for response in behavior(_decodable(request), context):
                     yield response
 
         return wrapper
@@ -285,11 +277,16 @@ def caller_key(principal: Principal, context: ServicerContext) -> str:
 async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """The stream's requests; an undecodable one ends the stream with INVALID_ARGUMENT."""
     async for request in requests:
-        if request is _UNDECODABLE:
-            raise InvalidArgument(
-                "request", "a message could not be decoded; strings must be valid UTF-8"
-            )
-        yield request
+        yield _decodable(request)
+
+
+def _decodable(request: Any) -> Any:
+    """`request`, unless it could not be decoded: then INVALID_ARGUMENT."""
+    if request is _UNDECODABLE:
+        raise InvalidArgument(
+            "request", "the message could not be decoded; strings must be valid UTF-8"
+        )
+    return request
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

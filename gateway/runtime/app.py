@@ -77,8 +77,11 @@ class Gateway:
     sessions: SessionStore = field(default_factory=lambda: _sessions(ConversationConfig()))
     metrics: Metrics = field(default_factory=Metrics)
     tracer_provider: TracerProvider | None = None
-    tracer: Tracer = field(default_factory=lambda: tracer_for(None))
+    tracer: Tracer = field(init=False)  # from tracer_provider
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.tracer = tracer_for(self.tracer_provider)
 
     @classmethod
     def create(
@@ -174,7 +177,6 @@ class Gateway:
             route_cache=LRUCache(config.embedding.route_cache_size),
             sessions=_sessions(config.conversation),
             tracer_provider=tracer_provider,
-            tracer=tracer_for(tracer_provider),
         )
         gateway.metrics.watch(gateway)
         return gateway

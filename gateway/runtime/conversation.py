@@ -33,9 +33,8 @@ records), and the verdict names it. gRPC-free: the servicer adapts it.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, replace
-
-import numpy as np
 
 from critic.types import Deadline
 from embeddings_index.vocabulary import Role, Route, Tier
@@ -165,8 +164,9 @@ async def check_conversation(
         (_effective_risk(r) for c, r in scored if c.driver.combined_turns), default=0.0
     )
     session: SessionReport | None = None
-    carried = gateway.sessions.carried_risk(owner, session_id) if session_id else 0.0
+    carried = 0.0  # the risk earlier turns of the session pass on to this one
     if session_id:
+        carried = gateway.sessions.carried_risk(owner, session_id)
         state = gateway.sessions.record(owner, session_id, new_user_turns, turn_risk)
         session = SessionReport(session_id, state.risk, state.turns, combined_risk)
 
@@ -214,8 +214,7 @@ def _candidates(index: int, message: ChatMessage, max_segments: int) -> list[_Ca
     out = []
     for start, end in segments(message.content, max_segments=max_segments):
         hit = any(s < end and e > start for s, e in addressed)
-        span = (start, end)
-        driver = DrivingMessage(index, message.role, span)
+        driver = DrivingMessage(index, message.role, (start, end))
         out.append(_Candidate(message.content[start:end], driver, hit))
     return out
 
@@ -282,7 +281,7 @@ def _effective_risk(routed: RouteResult) -> float:
     route's escalate_at when the route was lowered to ALLOW (a long document's
     segment below the data threshold must not escalate the next turns)."""
     if routed.route is Route.ALLOW:
-        return min(routed.risk_score, float(np.nextafter(routed.thresholds.escalate_at, 0.0)))
+        return min(routed.risk_score, math.nextafter(routed.thresholds.escalate_at, 0.0))
     return routed.risk_score
 
 
@@ -296,15 +295,14 @@ def _drive(
     if not scored:
         return None, None
     candidate, routed = max(scored, key=lambda cr: (_ROUTE_ORDER[cr[1].route], cr[1].risk_score))
-    session_risk = carried_risk
-    if routed.route is Route.ALLOW and session_risk > 0.0 and session_risk >= policy.escalate_at:
+    if routed.route is Route.ALLOW and carried_risk > 0.0 and carried_risk >= policy.escalate_at:
         combined = [(c, r) for c, r in scored if c.driver.combined_turns]
         if combined:
             candidate, routed = max(combined, key=lambda cr: cr[1].risk_score)
         routed = replace(
             routed, route=Route.ESCALATE,
             adjusted_because=(
-                f"the session's risk {session_risk:.3f} is at or above escalate_at "
+                f"the session's risk {carried_risk:.3f} is at or above escalate_at "
                 f"{policy.escalate_at:.3f}"
             ),
         )  # fmt: skip

@@ -28,9 +28,8 @@ if TYPE_CHECKING:
     from gateway.runtime.app import Gateway
     from gateway.runtime.pipeline import CheckResult
 
-__all__ = ["STAGES", "Metrics", "MetricsServer", "serve_metrics"]
+__all__ = ["Metrics", "MetricsServer", "serve_metrics"]
 
-STAGES = ("normalize", "prefilter", "embed", "search", "critic", "generate", "total")
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -94,11 +93,7 @@ class Metrics:
             self.escalations.labels(policy).inc()
         if result.fail_reason:
             self.fallbacks.labels(policy, result.fail_reason).inc()
-        timings = result.route.timings
-        for stage, ms in (
-            ("normalize", timings.normalize_ms), ("prefilter", timings.prefilter_ms),
-            ("embed", timings.embed_ms), ("search", timings.search_ms),
-        ):  # fmt: skip
+        for stage, ms in result.route.timings.stages():
             if ms > 0:
                 self.stage_seconds.labels(stage).observe(ms / 1000.0)
         outcome = result.outcome

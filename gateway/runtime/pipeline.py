@@ -41,7 +41,7 @@ from router.router import RouteResult, Timings
 
 __all__ = [
     "CheckResult", "GenerateResult", "check_prompt", "check_response", "generate",
-    "generator_not_configured", "record_outcome", "route",
+    "generator_failed", "generator_not_configured", "record_outcome", "route",
 ]  # fmt: skip
 
 _ROUTE_DECISIONS = {Route.ALLOW: Decision.ALLOW, Route.BLOCK: Decision.BLOCK}
@@ -213,10 +213,7 @@ async def generate(
         with span(gateway.tracer, "generate", model=gateway.generator.model):
             draft, usage = await gateway.generator.generate(prompt, deadline)
     except CriticUnavailable as exc:
-        raise Unavailable(
-            f"the upstream generator failed ({exc.reason}); retry later",
-            reason="GENERATOR_UNAVAILABLE",
-        ) from exc
+        raise generator_failed(exc) from exc
     generate_ms = (time.perf_counter() - start) * 1000.0
     response_result = await check_response(
         gateway, prompt, draft, policy, request_id=request_id, deadline=deadline,
@@ -233,6 +230,14 @@ def generator_not_configured() -> FailedPrecondition:
         "Generate needs an upstream model: set generator.model and generator.base_url "
         "(or OPENAI_BASE_URL / OPENAI_API_KEY) with generator.enabled: true",
         reason="GENERATOR_NOT_CONFIGURED",
+    )
+
+
+def generator_failed(exc: CriticUnavailable) -> Unavailable:
+    """The error of a Generate call whose upstream model failed."""
+    return Unavailable(
+        f"the upstream generator failed ({exc.reason}); retry later",
+        reason="GENERATOR_UNAVAILABLE",
     )
 
 

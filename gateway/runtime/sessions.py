@@ -86,10 +86,9 @@ class SessionStore:
         """
         now = self._clock()
         key = (owner, session_id)
-        carried = self.carried_risk(owner, session_id)
         session = self._live(owner, session_id) or Session()
         session.recent_turns = [*session.recent_turns, *new_turns][-self._turns_kept :]
-        session.risk = max(turn_risk, carried)
+        session.risk = max(turn_risk, session.risk * self._decay)
         session.turns += 1
         session.last_seen = now
         self._sessions[key] = session

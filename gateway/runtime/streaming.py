@@ -35,10 +35,11 @@ from embeddings_index.vocabulary import CriticMode, Decision, Role, Route, Strea
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Policy
 from gateway.runtime.conversation import ChatMessage
-from gateway.runtime.errors import InvalidArgument, Unavailable
+from gateway.runtime.errors import InvalidArgument
 from gateway.runtime.pipeline import (
     CheckResult,
     check_prompt,
+    generator_failed,
     generator_not_configured,
     record_outcome,
     route,
@@ -181,17 +182,24 @@ class StreamCheck:
             system_prompt=self._system_prompt,
         ):  # fmt: skip
             span = (hit.span[0] + begin, hit.span[1] + begin)
-            key = (hit.rule_id, span)
-            if key not in self._found.hits and not any(
-                k[0] == hit.rule_id and k[1][0] <= span[0] < k[1][1] for k in self._found.hits
-            ):
-                self._found.hits[key] = DetectorHit(hit.detector, hit.rule_id, hit.severity, span)
+            seen = any(  # found before, in the carried-over text
+                rule == hit.rule_id and start <= span[0] < end
+                for rule, (start, end) in self._found.hits
+            )
+            if not seen:
+                self._found.hits[hit.rule_id, span] = DetectorHit(
+                    hit.detector, hit.rule_id, hit.severity, span
+                )
                 found = True
         self._checked = len(self._out)
         if found and not self._found.violation:
-            rules = ", ".join(dict.fromkeys(h.rule_id for h in self._found.hits.values()))
-            self._found.violation = f"an output detector matched ({rules})"
+            self._found.violation = f"an output detector matched ({', '.join(self._rules)})"
         return found
+
+    @property
+    def _rules(self) -> list[str]:
+        """The rules the detectors found broken, in the order found."""
+        return list(dict.fromkeys(rule for rule, _ in self._found.hits))
 
     async def _review(self) -> bool:
         """The critic's review of the output so far (the prompt is risky); True if it fails."""
@@ -212,11 +220,9 @@ class StreamCheck:
             self._prompt, self._out, outcome,
         )  # fmt: skip
         self._found.outcome = outcome
-        passed = len(self._out)  # each window is reviewed once, whatever the outcome
+        self._reviewed = len(self._out)  # each window is reviewed once, whatever the outcome
         if outcome.verdict is Decision.ALLOW:
-            self._reviewed = passed
             return False
-        self._reviewed = passed if self.mode is StreamMode.AUDIT else self._reviewed
         if not self._found.violation:
             self._found.violation = f"the critic decided {outcome.verdict.value}" + (
                 f" ({outcome.fail_reason})" if outcome.fail_reason else ""
@@ -233,9 +239,7 @@ class StreamCheck:
 
     def _stop(self, tier: Tier, release: str = "") -> StreamEvent:
         self._done = True
-        safe = self._constitution.safe_reply_for(
-            list(dict.fromkeys(h.rule_id for h in self._found.hits.values()))
-        )
+        safe = self._constitution.safe_reply_for(self._rules)
         return StreamEvent(
             release=release, stopped=True, final_text=safe, result=self._result(tier)
         )
@@ -243,15 +247,16 @@ class StreamCheck:
     def _result(self, tier: Tier | None = None) -> CheckResult:
         routed = self._routed or _unrouted(self._gateway, self._policy)
         outcome = self._found.outcome
-        rules = list(dict.fromkeys(h.rule_id for h in self._found.hits.values()))
+        rules = self._rules
         if outcome is not None:
             rules = list(dict.fromkeys([*rules, *outcome.violated_rules]))
         if self._found.violation:
             decision = Decision.BLOCK
-            enforced = "" if self.mode is not StreamMode.AUDIT else " (audit mode: not enforced)"
-            reason = f"{self._found.violation}; the stream was stopped{enforced}"
-            if self.mode is StreamMode.AUDIT:
-                reason = f"{self._found.violation}{enforced}"
+            reason = (
+                f"{self._found.violation} (audit mode: not enforced)"
+                if self.mode is StreamMode.AUDIT
+                else f"{self._found.violation}; the stream was stopped"
+            )
         else:
             decision = Decision.ALLOW
             reason = (
@@ -326,10 +331,7 @@ async def generate_stream(
             if event.release:
                 yield GeneratedEvent(stream=event)
     except CriticUnavailable as exc:
-        raise Unavailable(
-            f"the upstream generator failed ({exc.reason}); retry later",
-            reason="GENERATOR_UNAVAILABLE",
-        ) from exc
+        raise generator_failed(exc) from exc
     finally:
         await upstream.aclose()
     yield GeneratedEvent(stream=await check.finish())

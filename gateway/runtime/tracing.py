@@ -24,9 +24,9 @@ from opentelemetry.trace import Span, Tracer, TracerProvider
 
 from router.router import Timings
 
-__all__ = ["add_stage_spans", "configure_from_environment", "current_span", "span"]
-
-_STAGES = ("normalize", "prefilter", "embed", "search")
+__all__ = [
+    "add_stage_spans", "configure_from_environment", "current_span", "now_ns", "span", "tracer_for",
+]  # fmt: skip
 
 
 def configure_from_environment(environ: Mapping[str, str] | None = None) -> TracerProvider | None:
@@ -65,8 +65,7 @@ def add_stage_spans(tracer: Tracer, start_ns: int, timings: Timings) -> None:
     if not trace.get_current_span().is_recording():
         return
     at = start_ns
-    for stage in _STAGES:
-        ms = float(getattr(timings, f"{stage}_ms"))
+    for stage, ms in timings.stages():
         if ms <= 0:
             continue
         end = at + int(ms * 1e6)
