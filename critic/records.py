@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddings_index.sqlite_db import open_sqlite
+from embeddings_index.database import Database, Row, as_database
 
 __all__ = ["CriticRecord", "CriticRecords", "UsageTotals"]
 
-_SCHEMA = """
+# Applied in order, once each (`Database.migrate`); never edit one that shipped.
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS critic_calls (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at REAL NOT NULL,
+    id {id},
+    created_at DOUBLE PRECISION NOT NULL,
     request_id TEXT NOT NULL,
     policy TEXT NOT NULL,
     constitution TEXT NOT NULL,
@@ -49,12 +49,13 @@ CREATE TABLE IF NOT EXISTS critic_calls (
     calls INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    latency_ms REAL NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL,
     fail_reason TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS critic_calls_policy ON critic_calls (policy, created_at);
-"""
+CREATE INDEX IF NOT EXISTS critic_calls_policy ON critic_calls (policy, created_at)
+""",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,49 +102,56 @@ def _hash(text: str) -> str:
 
 
 class CriticRecords:
-    """Critic judgements in one SQLite file (WAL, synchronous=FULL); thread-safe."""
+    """Critic judgements, each committed before `add` returns; thread-safe.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = open_sqlite(self.path, _SCHEMA)
-        self._lock = threading.Lock()
+    In a SQLite file by default (`<data_dir>/critic.sqlite3`, WAL,
+    synchronous=FULL), or in the fleet's PostgreSQL database.
+    """
+
+    def __init__(self, database: Database | Path) -> None:
+        """Open the records in `database` (a SQLite file if a path), migrating their table.
+
+        Raises:
+            DatabaseError: the database cannot be opened or migrated.
+        """
+        self.database = as_database(database)
+        self.path = self.database.path
+        try:
+            self.database.migrate("critic", _MIGRATIONS)
+        except BaseException:
+            self.database.close()
+            raise
 
     def close(self) -> None:
-        """Close the database."""
-        with self._lock:
-            self._conn.close()
+        """Close the database (or this store's share of the pool)."""
+        self.database.close()
 
     def add(self, record: CriticRecord, *, store_texts: bool = True) -> None:
         """Write one record durably (texts hashed unless `store_texts`)."""
         keep = (lambda t: t) if store_texts else _hash
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO critic_calls (created_at, request_id, policy, constitution, target, "
-                "mode, texts_stored, prompt, draft, critique, revision, final_text, decision, "
-                "violated_rules, critic, model, rounds, calls, prompt_tokens, completion_tokens, "
-                "cost_usd, latency_ms, fail_reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    time.time(), record.request_id, record.policy, record.constitution,
-                    record.target, record.mode, int(store_texts), keep(record.prompt),
-                    keep(record.draft), record.critique, keep(record.revision),
-                    keep(record.final_text), record.decision, json.dumps(record.violated_rules),
-                    record.critic, record.model, record.rounds, record.calls,
-                    record.prompt_tokens, record.completion_tokens, record.cost_usd,
-                    record.latency_ms, record.fail_reason,
-                ),
-            )  # fmt: skip
+        self.database.execute(
+            "INSERT INTO critic_calls (created_at, request_id, policy, constitution, target, "
+            "mode, texts_stored, prompt, draft, critique, revision, final_text, decision, "
+            "violated_rules, critic, model, rounds, calls, prompt_tokens, completion_tokens, "
+            "cost_usd, latency_ms, fail_reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                time.time(), record.request_id, record.policy, record.constitution,
+                record.target, record.mode, int(store_texts), keep(record.prompt),
+                keep(record.draft), record.critique, keep(record.revision),
+                keep(record.final_text), record.decision, json.dumps(record.violated_rules),
+                record.critic, record.model, record.rounds, record.calls,
+                record.prompt_tokens, record.completion_tokens, record.cost_usd,
+                record.latency_ms, record.fail_reason,
+            ),
+        )  # fmt: skip
 
-    def _rows(self, where: str) -> Iterator[sqlite3.Row]:
-        with self._lock:
-            cursor = self._conn.execute(
-                "SELECT prompt, draft, final_text FROM critic_calls "
-                f"WHERE texts_stored = 1 AND target = 'response' AND fail_reason = '' AND {where} "
-                "ORDER BY id"
-            )
-            rows = cursor.fetchall()
-        yield from rows
+    def _rows(self, where: str) -> Iterator[Row]:
+        yield from self.database.query(
+            "SELECT prompt, draft, final_text FROM critic_calls "
+            f"WHERE texts_stored = 1 AND target = 'response' AND fail_reason = '' AND {where} "
+            "ORDER BY id"
+        )
 
     def sft_pairs(self) -> Iterator[dict[str, str]]:
         """(prompt, approved response) pairs: drafts the critic passed and its revisions."""
@@ -160,18 +168,17 @@ class CriticRecords:
     def usage(self, *, policy: str | None = None) -> UsageTotals:
         """Totals over every record (of one policy, if given)."""
         where, params = ("WHERE policy = ?", (policy,)) if policy else ("", ())
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(calls), 0), COALESCE(SUM(prompt_tokens), 0), "
-                "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0), "
-                f"COALESCE(SUM(fail_reason != ''), 0) FROM critic_calls {where}",
-                params,
-            ).fetchone()
+        [row] = self.database.query(
+            "SELECT COUNT(*), COALESCE(SUM(calls), 0), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost_usd), 0), "
+            "COALESCE(SUM(CASE WHEN fail_reason <> '' THEN 1 ELSE 0 END), 0) "
+            f"FROM critic_calls {where}",
+            params,
+        )
         return UsageTotals(
             int(row[0]), int(row[1]), int(row[2]), int(row[3]), float(row[4]), int(row[5])
         )
 
     def count(self) -> int:
         """Number of records."""
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM critic_calls").fetchone()[0])
+        return int(self.database.query("SELECT COUNT(*) FROM critic_calls")[0][0])

@@ -309,6 +309,18 @@ class ExemplarIndex:
         """Live exemplars (`ids` also keeps removed ones, which no search returns)."""
         return len(self.ids) - len(self._dead)
 
+    def live_among(self, exemplar_ids: Sequence[str]) -> set[str]:
+        """Those of `exemplar_ids` that this snapshot holds live (searches may return them)."""
+        n_base = len(self._base.ids)
+        dead = set(self._dead.tolist())
+        delta = set(self.ids[n_base:])
+        live = set()
+        for eid in exemplar_ids:
+            position = self._base.position(eid)
+            if (position is not None and position not in dead) or eid in delta:
+                live.add(eid)
+        return live
+
     def label(self, position: int) -> str:
         """The label of the exemplar at `position`."""
         return Label.RISKY if self.risky[position] else Label.BENIGN
@@ -468,8 +480,9 @@ class IndexHolder:
         """The index new searches should use."""
         return self._index
 
-    def swap(self, index: ExemplarIndex) -> None:
-        """Make `index` current unless a newer version is already in place."""
+    def swap(self, index: ExemplarIndex, *, force: bool = False) -> None:
+        """Make `index` current unless a newer version is already in place (or `force`:
+        the store itself went back, as when restored from a backup)."""
         with self._lock:
-            if index.version >= self._index.version:
+            if force or index.version >= self._index.version:
                 self._index = index

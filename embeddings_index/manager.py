@@ -2,8 +2,17 @@
 
 `IndexManager.open` is what a server calls at start: open the store, bring the
 shipped starter pack in, re-embed anything another model embedded, build the
-index. Writes go to the store first (durable), then a new index is built
-aside and swapped in; searches in flight keep the old snapshot.
+index. Writes go to the store first (durable), then a new index snapshot is
+made aside and swapped in; searches in flight keep the old snapshot.
+
+A change becomes a new snapshot without a rebuild: `ExemplarIndex.with_changes`
+keeps additions in a small exact side index and removals in a deletion bitmap,
+sharing the built base. Only a change set that would take the side past
+`IndexOptions.max_delta`, or a size that calls for another structure (exact
+to approximate), rebuilds from the store. `catch_up` applies what other
+processes changed in a shared store since the serving index's version
+(`ExemplarStore.changes_since`); it is also what a local write falls back to
+when another process's change landed in between.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from embeddings_index.starter import STARTER_DIR, sync_starter_pack
 from embeddings_index.store import Exemplar, ExemplarStore, text_key
 from embeddings_index.vocabulary import AddStatus
 
-__all__ = ["AddOutcome", "IndexManager"]
+__all__ = ["AddOutcome", "CatchUp", "IndexManager"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,25 @@ class AddOutcome:
     status: AddStatus
     exemplar_id: str
     similarity: float
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """What `IndexManager.catch_up` applied.
+
+    Attributes:
+        from_version: The serving index's version before.
+        version: Its version after (the store's when it read the changes).
+        added: Exemplars that came into the index.
+        removed: Exemplars that left it.
+        rebuilt: True if the index was rebuilt from the store rather than changed on the side.
+    """
+
+    from_version: int
+    version: int
+    added: int
+    removed: int
+    rebuilt: bool
 
 
 class IndexManager:
@@ -78,11 +106,12 @@ class IndexManager:
         starter_dir: Path | None = STARTER_DIR,
         index_options: IndexOptions | None = None,
         snapshot_dir: Path | None = None,
+        store: ExemplarStore | None = None,
     ) -> IndexManager:
         """Open (or create) the store under `data_dir` and build (or load) the index.
 
         Args:
-            data_dir: Directory for `exemplars.sqlite3`.
+            data_dir: Directory for `exemplars.sqlite3` (unless `store` is given).
             embedder: Embeds exemplars that have no vector of its model yet.
             prepare: Turns an exemplar's text into what the embedder reads; it
                 must match what queries go through (tier-0 normalisation).
@@ -90,8 +119,10 @@ class IndexManager:
             index_options: Exact or approximate structure and its knobs (defaults if None).
             snapshot_dir: Where to save the built index and load it from at the
                 next start (`<data_dir>/index` by convention); None: always rebuild.
+            store: An open store to use (e.g. on PostgreSQL); the manager owns it.
         """
-        store = ExemplarStore(Path(data_dir) / "exemplars.sqlite3")
+        if store is None:
+            store = ExemplarStore(Path(data_dir) / "exemplars.sqlite3")
         if starter_dir is not None:
             added = sync_starter_pack(
                 store,
@@ -138,13 +169,15 @@ class IndexManager:
             save_snapshot(self.snapshot_dir, index)
 
     def _build(self) -> ExemplarIndex:
-        exemplars, vectors, missing = self.store.live_vectors(self.embedder.model_id)
+        # The version and the rows from one snapshot of the store: another process's
+        # change committed in between must not be labelled with a version without it.
+        version, exemplars, vectors, missing = self.store.live_state(self.embedder.model_id)
         if missing:
             raise RuntimeError(f"{len(missing)} exemplars lack vectors of {self.embedder.model_id}")
         if not len(vectors):
             vectors = np.zeros((0, self.embedder.dim), dtype=np.float32)
         return ExemplarIndex(
-            version=self.store.version,
+            version=version,
             model_id=self.embedder.model_id,
             ids=[e.id for e in exemplars],
             labels=[e.label for e in exemplars],
@@ -157,9 +190,17 @@ class IndexManager:
         """Rebuild the index from the store and swap it in."""
         with self._write_lock:
             index = self._build()
-            self._holder.swap(index)
+            # A store behind the index went back (restored from a backup): follow it.
+            self._holder.swap(index, force=True)
             self._save(index)
         return index
+
+    def _fits_on_the_side(self, current: ExemplarIndex, changes: int, size: int) -> bool:
+        """Whether `changes` more, leaving `size` live exemplars, go on the side (no rebuild)."""
+        return (
+            current.changes_since_build + changes <= self.index_options.max_delta
+            and self.index_options.structure_for(size) == current.structure
+        )
 
     def _changed(
         self,
@@ -169,21 +210,17 @@ class IndexManager:
         vectors: np.ndarray | None = None,
         removed: Sequence[str] = (),
     ) -> None:
-        """Swap in an index at `version`, the store's state after one add or delete.
+        """Swap in an index at `version`, the store's state after this process's add or delete.
 
-        An approximate index takes the change on the side (`with_changes`: no
-        retraining) while its changes since the build stay within `max_delta`
-        and it is exactly one version behind; anything else is a full rebuild,
-        as for an exact index.
+        When the index is exactly one version behind, the change goes on the side
+        (`with_changes`) within `max_delta`; when another process changed the
+        store in between, the index catches up from the store (`catch_up`).
         """
         current = self.index
-        if not (
-            current.approximate
-            and version == current.version + 1
-            and current.changes_since_build + len(added) + len(removed)
-            <= self.index_options.max_delta
-        ):
-            self.refresh()
+        size = len(current) + len(added) - len(removed)
+        changes = len(added) + len(removed)
+        if version != current.version + 1 or not self._fits_on_the_side(current, changes, size):
+            self._catch_up()
             return
         index = current.with_changes(
             version=version,
@@ -195,6 +232,64 @@ class IndexManager:
         )
         self._holder.swap(index)
         self._save(index)
+
+    def catch_up(self) -> CatchUp | None:
+        """Apply what changed in the store since the serving index's version.
+
+        Other processes sharing the store (replicas on one PostgreSQL database)
+        call this when told of a new version. Small change sets go on the side
+        of the current index; large ones (past `max_delta`) rebuild it from the
+        store. Exemplars stored without a vector of this process's model are
+        embedded here.
+
+        Returns:
+            What was applied, or None when the index was current.
+
+        Raises:
+            DatabaseError: the store cannot be read; the index stays as it was.
+        """
+        with self._write_lock:
+            return self._catch_up()
+
+    def _catch_up(self) -> CatchUp | None:
+        current = self.index
+        version = self.store.version
+        if version == current.version:
+            return None
+        if version < current.version:
+            log.warning(
+                "the exemplar store is at version %d, behind this index's %d: rebuilding",
+                version,
+                current.version,
+            )
+            index = self.refresh()
+            return CatchUp(current.version, index.version, len(index), len(current), True)
+        changes = self.store.changes_since(current.version, self.embedder.model_id)
+        added, vectors = list(changes.added), changes.vectors
+        if changes.missing:  # stored by a process with another model: embed them here
+            added += changes.missing
+            fresh = self.encode([e.text for e in changes.missing])
+            vectors = np.vstack([vectors, fresh]) if len(vectors) else fresh
+        # A holder of the older version may have some of these already (removed and
+        # restored since), or never had some removed ones (added and removed since).
+        live = current.live_among([e.id for e in added] + changes.removed)
+        keep = [i for i, e in enumerate(added) if e.id not in live]
+        removed = [eid for eid in changes.removed if eid in live]
+        size = len(current) + len(keep) - len(removed)
+        if not self._fits_on_the_side(current, len(keep) + len(removed), size):
+            index = self.refresh()
+            return CatchUp(current.version, index.version, len(keep), len(removed), True)
+        index = current.with_changes(
+            version=changes.version,
+            ids=[added[i].id for i in keep],
+            labels=[added[i].label for i in keep],
+            categories=[added[i].category for i in keep],
+            vectors=vectors[keep] if keep else None,
+            removed_ids=removed,
+        )
+        self._holder.swap(index)
+        self._save(index)
+        return CatchUp(current.version, index.version, len(keep), len(removed), False)
 
     def add(self, exemplars: Sequence[Exemplar], vectors: np.ndarray | None = None) -> int:
         """Store exemplars durably, then swap in an index that has them; returns the version."""
@@ -216,6 +311,9 @@ class IndexManager:
         """
         vectors = self.encode([e.text for e in exemplars])
         with self._write_lock:  # checks and write in one step: no race between two admins
+            # Duplicates are looked for among what other processes sharing the store
+            # added too, even if their change has not reached this index yet.
+            self._catch_up()
             return self._add_new(exemplars, vectors, near_duplicate_similarity)
 
     def _add_new(
@@ -267,7 +365,7 @@ class IndexManager:
         """Restore the exemplar set of `to_version` as a new version and swap it in."""
         with self._write_lock:
             result = self.store.rollback(to_version)
-            self.refresh()
+            self._catch_up()  # the difference, on the side unless it is large
         return result
 
     def delete(self, exemplar_id: str) -> int | None:

@@ -146,7 +146,8 @@ def sync_starter_pack(
         if precomputed is None:
             precomputed = load_precomputed_vectors()
         vectors = _vectors_for([prepare(e.text) for e in new], encode, embedding_model, precomputed)
-        store.add(new, vectors, embedding_model=embedding_model)
+        # skip_existing: another process bringing the same pack in at once is no conflict
+        store.add(new, vectors, embedding_model=embedding_model, skip_existing=True)
     in_pack = {e.id for e in pack}
     for exemplar in store.list_all(source=STARTER_SOURCE):
         if exemplar.id not in in_pack:

@@ -5,21 +5,29 @@ each test that needs a store gets its own copy of that file. Servers are the
 production `start_server` on 127.0.0.1 with a free port. Tests that use the real
 model, or live in tests/e2e, are marked `model`; the rest form `scripts/test --fast`,
 and `hashing_embedder` / `hashed_data_dir` let a test build a gateway without the model.
+
+Store tests run on both engines through `storage` (SQLite files in a temporary
+directory, then a fresh schema of the PostgreSQL database `test` on 127.0.0.1,
+which `pg_url` creates and drops). PostgreSQL being down fails those tests
+with a message saying so, unless TIERGUARD_TEST_SKIP_PG=1 skips them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from embeddings_index.database import Storage
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
 from embeddings_index.vocabulary import CriticMode, FailMode
@@ -54,11 +62,64 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No TIERGUARD_* or OPENAI_* variable of the developer's shell leaks into a test."""
+    """No TIERGUARD_* or OPENAI_* variable of the developer's shell leaks into a test.
+
+    TIERGUARD_TEST_* variables steer the tests themselves and stay.
+    """
     for key in list(os.environ):
-        if key.startswith(("TIERGUARD_", "OPENAI_")):
+        if key.startswith(("TIERGUARD_", "OPENAI_")) and not key.startswith("TIERGUARD_TEST_"):
             monkeypatch.delenv(key)
     yield
+
+
+# The test database: CI and the development machines run PostgreSQL there (.ci/run starts it).
+PG_TEST_URL = os.environ.get("TIERGUARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The test database's URL, once it answered; fails the tests that need it when it is down."""
+    try:
+        psycopg.connect(PG_TEST_URL, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        reason = f"PostgreSQL at {PG_TEST_URL} is not reachable ({' '.join(str(exc).split())})"
+        if os.environ.get("TIERGUARD_TEST_SKIP_PG") == "1":
+            pytest.skip(f"{reason}; TIERGUARD_TEST_SKIP_PG=1")
+        pytest.fail(
+            f"{reason}. Start it (as .ci/run does: pg_ctlcluster --skip-systemctl-redirect "
+            "$(ls /etc/postgresql) main start), point TIERGUARD_TEST_PG_URL at another "
+            "server, or set TIERGUARD_TEST_SKIP_PG=1 to skip the PostgreSQL tests",
+            pytrace=False,
+        )
+    return PG_TEST_URL
+
+
+def in_schema(url: str, schema: str) -> str:
+    """`url` with every connection's search_path set to `schema`."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """The URL of a fresh, empty schema of the test database, dropped after the test.
+
+    Every test gets its own schema, so tests may run in parallel and again.
+    """
+    schema = f"tierguard_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield in_schema(pg_server, schema)
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    """Where a store test keeps its tables: SQLite files, then a PostgreSQL schema."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    place = Storage(url, tmp_path / "stores")
+    yield place
+    place.close()  # the pool, if a test left a store open
 
 
 @pytest.fixture(scope="session")

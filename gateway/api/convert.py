@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from embeddings_index.database import DatabaseError
 from embeddings_index.store import Exemplar, ExemplarStore
 from embeddings_index.vocabulary import (
     CriticKind,
@@ -45,6 +47,8 @@ __all__ = [
     "timestamp",
     "verdict_to_proto",
 ]
+
+log = logging.getLogger(__name__)
 
 ROLES = {
     Role.SYSTEM: pb.ROLE_SYSTEM,
@@ -172,7 +176,12 @@ def _matches(result: CheckResult, *, store: ExemplarStore) -> list[pb.ExemplarMa
         return []
     expose = result.policy.expose_evidence
     ids = [index.ids[p] for p in neighbors.positions]
-    texts = {eid: e.text for eid, e in store.get_many(ids).items()} if expose else {}
+    texts: dict[str, str] = {}
+    if expose:
+        try:
+            texts = {eid: e.text for eid, e in store.get_many(ids).items()}
+        except DatabaseError:  # the verdict stands without the texts
+            log.warning("exemplar texts left out of a verdict: the store failed", exc_info=True)
     return [
         pb.ExemplarMatch(
             exemplar_id=eid,

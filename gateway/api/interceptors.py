@@ -1,7 +1,9 @@
 """Cross-cutting concerns of every RPC: request ids, credentials, load shedding, error mapping.
 
 Servicers stay thin: they raise `gateway.runtime.errors` exceptions and this module
-turns them into statuses with details. Any other exception becomes INTERNAL
+turns them into statuses with details. A store that cannot be reached (a
+`DatabaseError`: PostgreSQL down) becomes UNAVAILABLE, which callers retry.
+Any other exception becomes INTERNAL
 with the request id (never a stack trace), and an undecodable request
 becomes INVALID_ARGUMENT instead of gRPC's generic deserialisation failure.
 """
@@ -20,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
+from embeddings_index.database import DatabaseError
 from gateway.api.status import to_status
 from gateway.runtime.auth import ANONYMOUS, Credentials, Principal, Role, bearer_token
 from gateway.runtime.errors import (
@@ -28,6 +31,7 @@ from gateway.runtime.errors import (
     Overloaded,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
 from gateway.runtime.metrics import Metrics
 
@@ -226,6 +230,14 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(exc)))
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
             raise
+        except DatabaseError:
+            log.exception("the store failed in request %s", request_id)
+            unavailable = Unavailable(
+                f"the store is unavailable; retry with backoff (request id {request_id})",
+                reason="STORE_UNAVAILABLE",
+            )
+            self._count(rpc, unavailable.code.name, unavailable)
+            await cast(Any, context).abort_with_status(rpc_status.to_status(to_status(unavailable)))
         except Exception:
             self._count(rpc, "INTERNAL")
             log.exception("unexpected error in request %s", request_id)

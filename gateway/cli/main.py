@@ -1,9 +1,11 @@
 """The `tierguard` command line: serve, check, eval.
 
 tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR] [--metrics-port N]
+                [--store-url postgresql://...]
 tierguard check TEXT [--address HOST:PORT] [--policy P] [--json]
                 [--api-key KEY] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
 tierguard eval --data FILE.jsonl [--data ...] [--json] [--policy P]
+               [--cross-source [--groups K]] [--adaptation K [--groups G] [--benign-sample N]]
 
 An error the user can fix (a bad flag, configuration or data file, an unknown
 policy, a server that is unreachable or says no) is one line on standard
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 50051)")
     serve.add_argument("--metrics-port", type=int,
                        help="serve Prometheus /metrics on this port (or TIERGUARD_METRICS_PORT)")  # fmt: skip
+    _store_flag(serve)
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser("check", help="check a prompt against a running gateway")
@@ -100,12 +103,30 @@ def _parser() -> argparse.ArgumentParser:
                                "other files, score the held-out one; with the Vigil baseline")  # fmt: skip
     evaluate.add_argument("--cache", type=Path, metavar="FILE",
                           help="vector cache for --cross-source (default: DATA_DIR/eval-vectors.npz)")  # fmt: skip
-    evaluate.add_argument("--groups", type=int, default=0, metavar="K",
+    evaluate.add_argument("--groups", type=int, default=None, metavar="K",
                           help="--cross-source: hold out K groups of sources instead of one "
-                               "file at a time (faster, and closer to unseen traffic)")  # fmt: skip
+                               "file at a time (faster, and closer to unseen traffic); "
+                               "--adaptation: families are K groups (default 5), 0: one file each")  # fmt: skip
     evaluate.add_argument("--target-escalation", type=float, default=0.03, metavar="RATE",
                           help="--cross-source: escalate_at escalates this share of the training "
                                "files' ordinary benign (default 0.03)")  # fmt: skip
+    evaluate.add_argument("--adaptation", type=int, metavar="K",
+                          help="add K risky rows of each family as exemplars on a live gateway "
+                               "(admin API), score the rest and the other files' benign rows, "
+                               "remove them again")  # fmt: skip
+    evaluate.add_argument("--benign-sample", type=int, default=3000, metavar="N",
+                          help="--adaptation: at most N ordinary and N hard benign rows (seeded "
+                               "sample; 0: all)")  # fmt: skip
+    evaluate.add_argument("--seed", type=int, default=20261205,
+                          help="--adaptation: seed of the exemplar choice and the benign sample")  # fmt: skip
+    evaluate.add_argument("--concurrency", type=int, default=16,
+                          help="--adaptation: checks in flight")  # fmt: skip
+    evaluate.add_argument("--address", default=None, metavar="HOST:PORT",
+                          help="--adaptation: use this running gateway (plaintext; its index is "
+                               "changed and restored, its logs see the traffic) instead of "
+                               "starting one")  # fmt: skip
+    evaluate.add_argument("--token", default=None,
+                          help="--address: admin token (or TIERGUARD_ADMIN_TOKEN)")  # fmt: skip
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser(
@@ -114,10 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("kind", choices=["sft", "preferences"],
                         help="sft: {prompt, response}; preferences: {prompt, chosen, rejected}")  # fmt: skip
     _config_flags(export)
+    _store_flag(export)
     export.set_defaults(func=_export)
 
     usage = commands.add_parser("usage", help="critic calls, tokens and cost recorded so far")
     _config_flags(usage)
+    _store_flag(usage)
     usage.add_argument("--policy", default=None, help="one policy only")
     usage.set_defaults(func=_usage)
 
@@ -156,6 +179,12 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where the exemplar store lives")
 
 
+def _store_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store-url", metavar="URL",
+                        help="PostgreSQL database of the stores, postgresql://user@host/dbname "
+                             "(or TIERGUARD_STORE_URL; default: SQLite files in the data dir)")  # fmt: skip
+
+
 def _load(args: argparse.Namespace) -> Config:
     from gateway.runtime.config import ConfigError, load_config
 
@@ -164,6 +193,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides |= {"server.port": args.port, "server.host": args.host}
     if hasattr(args, "metrics_port"):
         overrides |= {"metrics.port": args.metrics_port}
+    if hasattr(args, "store_url"):
+        overrides |= {"store.url": args.store_url}
     try:
         return load_config(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -171,6 +202,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from embeddings_index.database import DatabaseError
     from gateway.api.server import serve
     from gateway.runtime.app import Gateway
     from gateway.runtime.config import ConfigError
@@ -184,6 +216,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # found while starting: a constitution, a TLS file
         where = f"config file {config.source}: " if config.source else ""
         raise SystemExit(f"tierguard: bad configuration: {where}{exc}") from None
+    except DatabaseError as exc:  # PostgreSQL unreachable, a data dir that cannot be written
+        raise SystemExit(f"tierguard: cannot open the store: {exc}") from None
     finally:
         shutdown = getattr(provider, "shutdown", None)
         if shutdown is not None:
@@ -257,12 +291,14 @@ def _eval(args: argparse.Namespace) -> int:
     from router.cross_source import format_cross_source
 
     config = _load(args)
+    if args.adaptation is not None:
+        return _adaptation(args, config)
     _policy_named(config, args.policy)
     if args.cross_source:
         with _user_errors():
             result = evaluate_cross_source(
                 config, args.data, policy_name=args.policy, cache_path=args.cache,
-                target=args.target_escalation, groups=args.groups,
+                target=args.target_escalation, groups=args.groups or 0,
             )  # fmt: skip
         print(json.dumps(result.as_dict(), indent=1) if args.json else format_cross_source(result))
         return 0
@@ -275,13 +311,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adaptation(args: argparse.Namespace, config: Config) -> int:
+    """`eval --adaptation K`: exemplars added through a live gateway's admin API."""
+    from gateway.cli.adaptation import adapt
+    from gateway.offline.adaptation import format_adaptation
+    from router.evaluation import read_labelled
+
+    if args.cross_source:
+        raise SystemExit("tierguard: --adaptation and --cross-source are separate runs")
+    if not 1 <= args.adaptation <= 1000:
+        raise SystemExit("tierguard: --adaptation K: from 1 to 1000 exemplars per family")
+    if args.concurrency < 1:
+        raise SystemExit("tierguard: --concurrency: at least 1")
+    if args.groups is None:
+        args.groups = 5
+    if args.address is None:  # the child gateway's policies are the config's
+        _policy_named(config, args.policy)
+    with _user_errors():
+        rows = [row for path in args.data for row in read_labelled(path)]
+        result = adapt(args, config, rows)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else format_adaptation(result))
+    return 0
+
+
 def _records(args: argparse.Namespace) -> CriticRecords:
     from critic.records import CriticRecords
+    from embeddings_index.database import DatabaseError, Storage
 
-    path = _load(args).data_dir / "critic.sqlite3"
-    if not path.is_file():
+    config = _load(args)
+    path = config.data_dir / "critic.sqlite3"
+    if config.store.url is None and not path.is_file():
         raise SystemExit(f"tierguard: no critic records at {path} (check --data-dir)")
-    return CriticRecords(path)
+    try:
+        return CriticRecords(Storage(config.store.url, config.data_dir).open("critic"))
+    except DatabaseError as exc:
+        raise SystemExit(f"tierguard: cannot open the critic records: {exc}") from None
 
 
 def _export(args: argparse.Namespace) -> int:

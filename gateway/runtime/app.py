@@ -1,10 +1,13 @@
 """The gateway's runtime parts, wired once at start and shared by every request.
 
 `Gateway.create` loads the embedding model (unless one is passed in, as tests
-do to load it once per session), opens the exemplar store and the critic
-records under the data directory, brings in the starter pack, builds the
+do to load it once per session), opens the stores (exemplars, admin state,
+critic records, decision log: SQLite files under the data directory, or the
+PostgreSQL database of `store.url`), brings in the starter pack, builds the
 index, loads the constitutions and picks the critic: the LLM critic when an
-endpoint is configured, else the local critic. It knows nothing of gRPC: the
+endpoint is configured, else the local critic. On PostgreSQL it also starts a
+`StoreFollower`, so that changes made through other gateways on the same
+database reach this one's index and policies. It knows nothing of gRPC: the
 servicers adapt it.
 """
 
@@ -28,15 +31,18 @@ from critic.local_critic import LocalCritic
 from critic.records import CriticRecords
 from critic.types import Critic
 from embeddings_index.batching import BatchingConfig, MicroBatcher
+from embeddings_index.database import Storage
 from embeddings_index.embedder import Embedder
 from embeddings_index.lru import LRUCache
 from embeddings_index.manager import IndexManager
+from embeddings_index.store import ExemplarStore
 from gateway.runtime.admin_state import AdminState
 from gateway.runtime.auth import Credentials, Principal, Role
 from gateway.runtime.config import Config, ConversationConfig, Policy
 from gateway.runtime.decision_log import DecisionLog
 from gateway.runtime.embedding import make_embedder
 from gateway.runtime.errors import PermissionDenied, PolicyNotFound
+from gateway.runtime.follower import StoreFollower
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.policies import PolicyRegistry
 from gateway.runtime.sessions import SessionStore
@@ -77,6 +83,7 @@ class Gateway:
     sessions: SessionStore = field(default_factory=lambda: _sessions(ConversationConfig()))
     metrics: Metrics = field(default_factory=Metrics)
     tracer_provider: TracerProvider | None = None
+    follower: StoreFollower | None = None  # PostgreSQL: follows other gateways' changes
     tracer: Tracer = field(init=False)  # from tracer_provider
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -99,26 +106,33 @@ class Gateway:
 
         Raises:
             ConfigError: a policy names a constitution that does not exist.
+            DatabaseError: the store cannot be opened (PostgreSQL unreachable, a
+                file that cannot be written, a schema newer than this code).
         """
         env = os.environ if environ is None else environ
         constitutions = load_constitutions()
-        admin_state = AdminState(config.data_dir / "admin.sqlite3")
+        storage = Storage(config.store.url, config.data_dir, pool_size=config.store.pool_size)
+        admin_state = AdminState(storage.open("admin"))  # first: a bad store fails fast
         try:
             policies = PolicyRegistry(config, admin_state, constitutions)
-        except Exception:
+            if embedder is None:
+                embedder = make_embedder(config)
+            # Normalisation is bounded by the raw text limit the server was started with.
+            limits = NormalizationLimits.for_raw_limit(config.server.max_text_chars)
+            index = IndexManager.open(
+                config.data_dir,
+                embedder,
+                prepare=functools.partial(normalized_text, limits=limits),
+                index_options=config.index,
+                snapshot_dir=config.data_dir / "index",
+                store=ExemplarStore(storage.open("exemplars", timeout_s=30.0)),
+            )
+            records = CriticRecords(storage.open("critic"))
+            decisions = DecisionLog(storage.open("decisions", durable=False))
+        except BaseException:
+            storage.close()  # PostgreSQL: the pool's connections and threads
             admin_state.close()
             raise
-        if embedder is None:
-            embedder = make_embedder(config)
-        # Normalisation is bounded by the raw text limit the server was started with.
-        limits = NormalizationLimits.for_raw_limit(config.server.max_text_chars)
-        index = IndexManager.open(
-            config.data_dir,
-            embedder,
-            prepare=functools.partial(normalized_text, limits=limits),
-            index_options=config.index,
-            snapshot_dir=config.data_dir / "index",
-        )
         prefilter = Prefilter.from_directory()
         tier0 = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tier0")
         router = Router(
@@ -148,10 +162,11 @@ class Gateway:
             else None
         )
         log.info(
-            "gateway ready: %d exemplars (index version %d), policies %s, critic %s%s, "
+            "gateway ready: %d exemplars (index version %d, store %s), policies %s, critic %s%s, "
             "generator %s",
             len(index.index),
             index.index.version,
+            storage.description,
             sorted(config.policies),
             critic.kind.value,
             f" ({critic.model})" if critic.model else "",
@@ -167,17 +182,26 @@ class Gateway:
             constitutions=constitutions,
             critic=critic,
             local_critic=local,
-            records=CriticRecords(config.data_dir / "critic.sqlite3"),
+            records=records,
             admin_state=admin_state,
             policies=policies,
             credentials=Credentials(config),
-            decisions=DecisionLog(config.data_dir / "decisions.sqlite3"),
+            decisions=decisions,
             generator=generator,
             tier0_executor=tier0,
             route_cache=LRUCache(config.embedding.route_cache_size),
             sessions=_sessions(config.conversation),
             tracer_provider=tracer_provider,
         )
+        if config.store.url is not None:  # SQLite: one process per data dir, nothing to follow
+            gateway.follower = StoreFollower(
+                config.store.url,
+                index,
+                policies,
+                metrics=gateway.metrics,
+                poll_s=config.store.poll_s,
+            )
+            gateway.follower.start()
         gateway.metrics.watch(gateway)
         return gateway
 
@@ -236,6 +260,8 @@ class Gateway:
 
     async def aclose(self, *, timeout_s: float = 5.0) -> None:
         """Let background work finish (bounded), then release threads, clients and files."""
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout_s)
         await self.batcher.aclose()

@@ -4,7 +4,8 @@ Sources, later ones winning: the defaults below, a YAML file (`--config` or
 `TIERGUARD_CONFIG`), environment variables (`TIERGUARD_HOST`,
 `TIERGUARD_PORT`, `TIERGUARD_DATA_DIR`, `TIERGUARD_MAX_TEXT_CHARS`,
 `TIERGUARD_DEFAULT_POLICY`, `TIERGUARD_CRITIC_MODEL`,
-`TIERGUARD_GENERATOR_MODEL`, `TIERGUARD_ADMIN_TOKENS`), then command-line flags. The LLM endpoints also
+`TIERGUARD_GENERATOR_MODEL`, `TIERGUARD_ADMIN_TOKENS`, `TIERGUARD_METRICS_PORT`,
+`TIERGUARD_STORE_URL`), then command-line flags. The LLM endpoints also
 honour the `openai` SDK's own `OPENAI_API_KEY` and `OPENAI_BASE_URL`. A bad
 value fails loudly, in one line naming its field and where it was set. A
 named file that is empty (or only comments) is an error, not the defaults. A
@@ -18,6 +19,8 @@ Example file::
       host: 0.0.0.0
       port: 50051
     data_dir: /var/lib/tierguard
+    store:
+      url: postgresql://tierguard@db.internal:5432/tierguard   # unset: SQLite in data_dir
     default_policy: default
     embedding:
       backend: onnx             # onnx | onnx-int8 | torch
@@ -54,6 +57,7 @@ from typing import Any
 import yaml
 
 from critic.chat import LLMSettings
+from embeddings_index.database import describe_url, is_postgres_url
 from embeddings_index.faiss_index import IndexOptions
 from embeddings_index.vocabulary import CriticMode, FailMode, StreamMode
 from router.decision import Thresholds
@@ -71,6 +75,7 @@ __all__ = [
     "MetricsConfig",
     "Policy",
     "ServerConfig",
+    "StoreConfig",
     "StreamConfig",
     "Tenant",
     "check_reload",
@@ -353,6 +358,29 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where exemplars, policy changes, the audit log, critic records and decisions are kept.
+
+    Attributes:
+        url: A PostgreSQL URL (`postgresql://user[:password]@host[:port]/dbname`,
+            libpq parameters such as `?sslmode=require` allowed) to share one
+            database between gateways; None (default): SQLite files in `data_dir`.
+        pool_size: Most connections one gateway opens to PostgreSQL.
+        poll_s: PostgreSQL: seconds between the checks a gateway makes of the
+            store for changes made through other gateways, besides the
+            notifications that announce them (a safety net for a lost one).
+    """
+
+    url: str | None = None
+    pool_size: int = 10
+    poll_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.poll_s <= 0:
+            raise ValueError("poll_s: must be positive")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway needs to start."""
 
@@ -362,6 +390,7 @@ class Config:
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     critic: LLMConfig = field(default_factory=LLMConfig)
     generator: LLMConfig = field(default_factory=lambda: LLMConfig(enabled=False))
     data_dir: Path = Path("tierguard-data")
@@ -387,6 +416,8 @@ class Config:
                     )
         if bool(self.server.tls_cert_file) != bool(self.server.tls_key_file):
             raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
+        if self.store.url is not None and not is_postgres_url(self.store.url):
+            raise ConfigError(f"store.url: {_not_a_store_url(self.store.url)}")
 
     def policy(self, name: str) -> Policy | None:
         """The policy called `name`, or None."""
@@ -402,6 +433,7 @@ _ENV = {
     "TIERGUARD_CRITIC_MODEL": ("critic", "model"),
     "TIERGUARD_GENERATOR_MODEL": ("generator", "model"),
     "TIERGUARD_METRICS_PORT": ("metrics", "port"),
+    "TIERGUARD_STORE_URL": ("store", "url"),
 }
 
 # Whole numbers end up in C ints (gRPC options, ONNX Runtime, FAISS).
@@ -409,7 +441,8 @@ _INT_MAX = 2**31 - 1
 # Tighter bounds, by a field's own name. A check request carries two texts of up to
 # 4 UTF-8 bytes a character, and gRPC refuses messages of 2 GiB and more.
 _INT_LIMITS = {"port": 65_535, "max_text_chars": 100_000_000}
-_INT_MINIMA = {"max_batch": 1, "max_batch_chars": 1}  # 0 would never encode anything
+# 0 would never encode anything, or never connect.
+_INT_MINIMA = {"max_batch": 1, "max_batch_chars": 1, "pool_size": 1}
 
 
 def load_config(
@@ -604,6 +637,7 @@ def _parse_config(raw: Mapping[Any, Any]) -> Config:
         conversation=_parse_section("conversation", ConversationConfig, raw.get("conversation")),
         stream=_parse_section("stream", StreamConfig, raw.get("stream")),
         metrics=_parse_section("metrics", MetricsConfig, raw.get("metrics")),
+        store=_parse_section("store", StoreConfig, raw.get("store")),
         critic=_parse_section("critic", LLMConfig, raw.get("critic")),
         generator=_parse_section(
             "generator",
@@ -619,6 +653,18 @@ def _parse_config(raw: Mapping[Any, Any]) -> Config:
         admin_tokens=_parse_admin_tokens(_mapping("admin", raw.get("admin"))),
         tenants=_parse_tenants(_mapping("tenants", raw.get("tenants"))),
         source=_coerce("source", top["source"], raw.get("source")),
+    )
+
+
+def _not_a_store_url(url: str) -> str:
+    """Why `url` cannot be the store, without repeating what may hold a password."""
+    scheme, found, _ = url.partition("://")
+    given = f"a {scheme}:// URL" if found and scheme else "text without a scheme"
+    if not url.strip():
+        given = "empty text"
+    return (
+        f"must be a postgresql:// URL (postgresql://user@host:5432/dbname), or left out "
+        f"for SQLite files in data_dir; got {given}"
     )
 
 
@@ -867,4 +913,6 @@ def _shown(where: str, value: Any) -> str:
     """`value` for an error message: short, and never a secret."""
     if any(word in where.rsplit(".", 1)[-1] for word in ("key", "token")):
         return "(not shown)"
+    if where.endswith(".url") and isinstance(value, str) and "://" in value:
+        return repr(describe_url(value))  # a URL's password is never shown
     return _REPR.repr(value)

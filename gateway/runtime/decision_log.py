@@ -5,6 +5,10 @@ Writes are batched off the event loop (a queue flushed by one thread every
 fsync. The price: a crash may lose the last fraction of a second of log
 lines; verdicts already sent are not affected. Texts are stored only when the
 policy records texts; otherwise a SHA-256 hash identifies repeats.
+
+Its table lives in a `Database`: `<data_dir>/decisions.sqlite3` by default, or
+the fleet's PostgreSQL database (opened not durable: synchronous_commit off
+for these batches, as SQLite's synchronous=NORMAL).
 """
 
 from __future__ import annotations
@@ -12,36 +16,38 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddings_index.sqlite_db import open_sqlite
+from embeddings_index.database import Database, DatabaseError, as_database
 
 __all__ = ["DecisionLog", "LoggedDecision"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+# Applied in order, once each (`Database.migrate`); never edit one that shipped.
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
+    id {id},
+    time DOUBLE PRECISION NOT NULL,
     request_id TEXT NOT NULL,
     rpc TEXT NOT NULL,
     policy TEXT NOT NULL,
     decision TEXT NOT NULL,
     tier TEXT NOT NULL,
     route TEXT NOT NULL,
-    risk_score REAL NOT NULL,
+    risk_score DOUBLE PRECISION NOT NULL,
     fallback_reason TEXT NOT NULL,
-    index_version INTEGER NOT NULL,
+    index_version BIGINT NOT NULL,
     text_sha256 TEXT NOT NULL,
     text TEXT
 );
-CREATE INDEX IF NOT EXISTS decisions_policy ON decisions (policy, id);
-"""
+CREATE INDEX IF NOT EXISTS decisions_policy ON decisions (policy, id)
+""",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +70,21 @@ class LoggedDecision:
 class DecisionLog:
     """Appends decisions from any thread; reads recent ones for replay."""
 
-    def __init__(self, path: Path, *, flush_ms: float = 200.0, batch: int = 500) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = open_sqlite(self.path, _SCHEMA, durable=False)
-        self._lock = threading.Lock()
+    def __init__(
+        self, database: Database | Path, *, flush_ms: float = 200.0, batch: int = 500
+    ) -> None:
+        """Open the log in `database` (a SQLite file if a path, opened not durable).
+
+        Raises:
+            DatabaseError: the database cannot be opened or migrated.
+        """
+        self.database = as_database(database, durable=False)
+        self.path = self.database.path
+        try:
+            self.database.migrate("decisions", _MIGRATIONS)
+        except BaseException:
+            self.database.close()
+            raise
         self._queue: queue.Queue[LoggedDecision | threading.Event | None] = queue.Queue()
         self._flush_s = flush_ms / 1000.0
         self._batch = batch
@@ -120,17 +136,15 @@ class DecisionLog:
             for d in decisions
         ]  # fmt: skip
         try:
-            with self._lock:
-                self._conn.execute("BEGIN")
-                self._conn.executemany(
+            with self.database.transaction() as tx:
+                tx.executemany(
                     "INSERT INTO decisions (time, request_id, rpc, policy, decision, tier, route, "
                     "risk_score, fallback_reason, index_version, text_sha256, text) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                self._conn.execute("COMMIT")
-        except sqlite3.Error:
-            log.exception("could not write %d decisions to %s", len(rows), self.path)
+        except DatabaseError:
+            log.exception("could not write %d decisions to %s", len(rows), self.database.name)
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until everything queued so far is written."""
@@ -140,15 +154,14 @@ class DecisionLog:
 
     def recent_scores(self, policy: str, limit: int) -> list[tuple[str, float]]:
         """(route, risk score) of the policy's most recent routings, newest first."""
-        with self._lock:
-            return self._conn.execute(
-                "SELECT route, risk_score FROM decisions WHERE policy = ? ORDER BY id DESC LIMIT ?",
-                (policy, limit),
-            ).fetchall()
+        rows = self.database.query(
+            "SELECT route, risk_score FROM decisions WHERE policy = ? ORDER BY id DESC LIMIT ?",
+            (policy, limit),
+        )
+        return [(str(route), float(score)) for route, score in rows]
 
     def close(self) -> None:
         """Write what is queued, then close."""
         self._queue.put(None)
         self._writer.join(timeout=5)
-        with self._lock:
-            self._conn.close()
+        self.database.close()

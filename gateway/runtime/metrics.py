@@ -84,6 +84,17 @@ class Metrics:
             "tierguard_streams_in_flight", "CheckStream and GenerateStream calls open.",
             registry=r,
         )  # fmt: skip
+        self.follower_applies = Counter(
+            "tierguard_follower_applies_total",
+            "Changes of the shared store this replica took in, by kind (incremental, rebuild, "
+            "policies).",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.follower_errors = Counter(
+            "tierguard_follower_errors_total",
+            "Failures to listen to or read the shared store (each retried after a backoff).",
+            registry=r,
+        )  # fmt: skip
 
     def observe(self, rpc: str, result: CheckResult, total_s: float) -> None:
         """Count one verdict and its stages' times."""
@@ -123,6 +134,13 @@ class _GatewayState(Collector):
         index = gateway.index.index
         yield _gauge("tierguard_index_exemplars", "Exemplars in the serving index.", len(index))
         yield _gauge("tierguard_index_version", "Version of the serving index.", index.version)
+        follower = gateway.follower
+        if follower is not None:
+            yield _gauge(
+                "tierguard_follower_connected",
+                "1 while this replica listens to the shared store for changes.",
+                float(follower.connected.is_set()),
+            )
         circuit = getattr(gateway.critic, "circuit_open", False)
         yield _gauge(
             "tierguard_critic_circuit_open", "1 while the critic's circuit breaker is open.",

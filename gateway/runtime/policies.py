@@ -9,6 +9,13 @@ and the later write silently drops the earlier one's field, and a reload that
 read the stored overrides just before an update would publish them without it.
 Admin changes are stored durably (AdminState) and win over the file until the
 policy is reset.
+
+Several gateways may share the stored changes (one PostgreSQL database): an
+update merges into the policy as stored, not as this process last saw it,
+inside the database transaction that writes it under the policy's lock, so
+concurrent updates through different gateways lose no field either; the
+other gateways take it through `reload_overrides` (their store follower calls
+it when told of the change).
 """
 
 from __future__ import annotations
@@ -54,16 +61,34 @@ class PolicyRegistry:
         """
         self._check_constitutions(config.policies.values())
         with self._lock:  # no update may land between reading the overrides and publishing
-            overrides = {
-                name: parse_policy(name, body)
-                for name, body in self._state.policy_overrides().items()
-            }
-            policies = {**config.policies, **overrides}
-            self._check_constitutions(overrides.values())
-            self._origins = {name: "admin" if name in overrides else "config" for name in policies}
-            self._file = config.policies
-            self._policies = policies
+            self._publish(config.policies)
             self.default_name = config.default_policy
+
+    def reload_overrides(self) -> list[str]:
+        """Re-read the stored admin changes (another gateway may have made some); returns
+        the names of the policies that changed here.
+
+        Raises:
+            ConfigError: a stored policy is invalid here (an unknown constitution);
+                the policies in force stay as they were.
+            DatabaseError: the admin state cannot be read; likewise.
+        """
+        with self._lock:
+            before = self._policies
+            self._publish(self._file)
+            after = self._policies
+        return sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+
+    def _publish(self, file_policies: Mapping[str, Policy]) -> None:
+        """The file's policies under the stored overrides, in force (the caller holds the lock)."""
+        overrides = {
+            name: parse_policy(name, body) for name, body in self._state.policy_overrides().items()
+        }
+        self._check_constitutions(overrides.values())
+        policies = {**file_policies, **overrides}
+        self._origins = {name: "admin" if name in overrides else "config" for name in policies}
+        self._file = file_policies
+        self._policies = policies
 
     def get(self, name: str) -> Policy | None:
         """The policy called `name`, or None."""
@@ -89,13 +114,23 @@ class PolicyRegistry:
             ConfigError: a change is invalid; the message names the field.
         """
         with self._lock:  # read-merge-validate-persist-publish as one step
-            before = self._policies.get(name)
-            body = {**policy_to_dict(before or Policy(name=name)), **changes}
-            body.pop("name", None)
-            after = parse_policy(name, body)
-            self._check_constitutions([after])
+            merged: dict[str, Policy | None] = {}
+
+            def merge(stored: dict[str, Any] | None) -> dict[str, Any]:
+                # Into the policy as stored (another gateway may have changed it since
+                # this one loaded it), else the file's; inside the write's transaction.
+                before = parse_policy(name, stored) if stored is not None else self._file.get(name)
+                body = {**policy_to_dict(before or Policy(name=name)), **changes}
+                body.pop("name", None)
+                after = parse_policy(name, body)
+                self._check_constitutions([after])
+                merged["before"], merged["after"] = before, after
+                return policy_to_dict(after)
+
             # Stored first: memory never shows a change that is not durable.
-            self._state.set_policy_override(name, policy_to_dict(after), actor)
+            self._state.update_policy_override(name, merge, actor)
+            before, after = merged["before"], merged["after"]
+            assert after is not None
             self._policies = {**self._policies, name: after}
             self._origins = {**self._origins, name: "admin"}
         return before, after

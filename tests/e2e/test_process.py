@@ -253,8 +253,9 @@ def test_an_empty_config_on_sighup_leaves_authentication_as_it_was(
         (b"server: {port: \xff\xfe}\n", "not UTF-8"),
         (b"", "no settings"),
         (b"policies: {1: {}, default: {}}\n", "policies.1"),
+        (b"store: {url: 'sqlite:///var/lib/tg.db'}\n", "store.url: must be a postgresql://"),
     ],
-    ids=["inf", "invalid UTF-8", "empty", "mixed keys"],
+    ids=["inf", "invalid UTF-8", "empty", "mixed keys", "store url"],
 )
 def test_a_broken_config_at_start_is_one_line_and_exit_2(
     tmp_path: Path, body: bytes, field: str
@@ -271,3 +272,19 @@ def test_a_broken_config_at_start_is_one_line_and_exit_2(
     [line] = result.stderr.splitlines()
     assert line.startswith("tierguard: bad configuration: ")
     assert field in line and str(config) in line
+
+
+def test_an_unreachable_store_at_start_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    url = "postgresql://tierguard:hunter2@127.0.0.1:1/tierguard?connect_timeout=2"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--store-url", url,
+         "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        "tierguard: cannot open the store: cannot connect to "
+        "postgresql://tierguard@127.0.0.1:1/tierguard: "
+    )
+    assert "hunter2" not in line

@@ -1,10 +1,9 @@
-"""Critic records: durable, hashed on request, exported as training data."""
+"""Critic records: durable, hashed on request, exported as training data (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from critic.records import CriticRecord, CriticRecords
+from embeddings_index.database import Storage
 
 
 def record(
@@ -20,8 +19,8 @@ def record(
     )  # fmt: skip
 
 
-def test_exports_and_usage(tmp_path: Path) -> None:
-    records = CriticRecords(tmp_path / "c.sqlite3")
+def test_exports_and_usage(storage: Storage) -> None:
+    records = CriticRecords(storage.open("critic"))
     records.add(record("revise"))
     records.add(record("allow"))
     records.add(record("block"))
@@ -34,13 +33,20 @@ def test_exports_and_usage(tmp_path: Path) -> None:
     usage = records.usage()
     assert (usage.records, usage.calls, usage.prompt_tokens) == (6, 12, 60)
     assert usage.fail_mode_decisions == 1 and usage.cost_usd == 3.0
+    assert records.usage(policy="other").records == 0
     records.close()
-    reopened = CriticRecords(tmp_path / "c.sqlite3")
+    reopened = CriticRecords(storage.open("critic"))
     assert reopened.count() == 6
+    reopened.close()
 
 
-def test_hashed_records_keep_no_text(tmp_path: Path) -> None:
-    records = CriticRecords(tmp_path / "c.sqlite3")
+def test_hashed_records_keep_no_text(storage: Storage) -> None:
+    records = CriticRecords(storage.open("critic"))
     records.add(record("revise", draft="my secret draft"), store_texts=False)
-    raw = (tmp_path / "c.sqlite3").read_bytes() + (tmp_path / "c.sqlite3-wal").read_bytes()
-    assert b"my secret draft" not in raw
+    if records.path is not None:  # SQLite: not in any byte of the files
+        path = records.path
+        raw = path.read_bytes() + path.with_name(path.name + "-wal").read_bytes()
+        assert b"my secret draft" not in raw
+    [row] = records.database.query("SELECT * FROM critic_calls")
+    assert "my secret draft" not in repr(row)
+    records.close()

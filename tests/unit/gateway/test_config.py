@@ -95,6 +95,11 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("embedding: {backend: gpu}", "embedding.backend"),
         ("embedding: {max_batch: 0}", "embedding.max_batch: .*between 1 and"),
         ("metrics: {port: 70000}", "metrics.port"),
+        ("store: {url: 'mysql://db/x'}", "store.url: must be a postgresql:// URL"),
+        ("store: {url: ''}", "store.url: .*got empty text"),
+        ("store: {pool_size: 0}", "store.pool_size"),
+        ("store: {poll_s: 0}", "store: poll_s: must be positive"),
+        ("store: {poll_s: -1}", "store.poll_s"),
         ("stream: {window_chars: 0}", "stream"),
         ("conversation: {session_decay: 1.5}", "conversation"),
         ("policies: {p: {stream_mode: later}}\ndefault_policy: p", "policies.p.stream_mode"),
@@ -326,6 +331,25 @@ def test_unquoted_off_is_the_critic_mode_off(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("policies: {default: {critic_mode: off}}\n")  # YAML 1.1 reads `off` as false
     assert load_config(path, environ={}).policies["default"].critic_mode is CriticMode.OFF
+
+
+def test_the_store_url_comes_from_the_file_the_environment_or_the_flag(tmp_path: Path) -> None:
+    assert load_config(environ={}).store.url is None  # SQLite files in data_dir
+    path = tmp_path / "c.yaml"
+    path.write_text("store: {url: 'postgresql://tg@db-a/tierguard', pool_size: 4}\n")
+    assert load_config(path, environ={}).store.url == "postgresql://tg@db-a/tierguard"
+    env = {"TIERGUARD_STORE_URL": "postgres://tg@db-b/tierguard"}
+    assert load_config(path, environ=env).store.url == env["TIERGUARD_STORE_URL"]
+    flag = load_config(path, environ=env, overrides={"store.url": "postgresql://tg@db-c/x"})
+    assert flag.store.url == "postgresql://tg@db-c/x" and flag.store.pool_size == 4
+
+
+def test_a_store_url_of_another_kind_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"TIERGUARD_STORE_URL": "mysql://root:hunter2@db/x"})
+    message = str(caught.value)
+    assert message.startswith("environment variable TIERGUARD_STORE_URL: store.url: ")
+    assert "mysql://" in message and "hunter2" not in message
 
 
 def test_environment_errors_name_the_variable_not_the_file(tmp_path: Path) -> None:
