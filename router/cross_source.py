@@ -14,8 +14,8 @@ Leave one source out. For each labelled file F:
   behaves on unseen traffic rather than on the traffic it was fitted on;
 * then F is scored and cut at that threshold.
 
-A text counts as caught when its score reaches the threshold or a blocking
-prefilter rule fires (its score is then 1.0, as the router reports it).
+A text counts as caught when its score reaches the threshold or a blocking or
+escalating prefilter rule fires (its score is then taken as 1.0).
 
 The same splits run the Vigil-style baseline: all-MiniLM-L6-v2 vectors, an
 index of every risky text of the other files, flag when the nearest one is
@@ -99,7 +99,8 @@ class Corpus:
         files: The file (source) of each row.
         risky: Label of each row.
         hard: True for `benign_hard` rows.
-        blocked: A blocking prefilter rule fires on the row.
+        blocked: A blocking or escalating prefilter rule fires on the row (it is
+            caught whatever its score; it scores 1.0, as the router ranks it).
         vectors: Embedding of each row's normalised text.
         x: The router's design matrix for each row (features against the
             starter-pack index, then the embedding).
@@ -186,7 +187,10 @@ def build_corpus(
         # text is the whole text), as in the router.
         segment_x = matrix(segment_examples)
     blocked = np.array(
-        [any(h.action is RuleAction.BLOCK for h in prefilter.scan(n)) for n in normalized_rows],
+        [
+            any(h.action in (RuleAction.BLOCK, RuleAction.ESCALATE) for h in prefilter.scan(n))
+            for n in normalized_rows
+        ],
         dtype=bool,
     )
     return Corpus(

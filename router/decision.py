@@ -39,7 +39,8 @@ def route_for(
     """The route for a scored text, and the tier that decided it.
 
     A blocking prefilter rule decides alone (tier 0); otherwise the score is
-    compared with the thresholds (tier 1).
+    compared with the thresholds (tier 1), and an escalating rule raises a text
+    the score would allow to ESCALATE (tier 0 decided that).
     """
     if any(hit.action is RuleAction.BLOCK for hit in hits):
         return Route.BLOCK, Tier.PREFILTER
@@ -47,6 +48,8 @@ def route_for(
         return Route.BLOCK, Tier.EMBEDDING
     if score >= thresholds.escalate_at:
         return Route.ESCALATE, Tier.EMBEDDING
+    if any(hit.action is RuleAction.ESCALATE for hit in hits):
+        return Route.ESCALATE, Tier.PREFILTER
     return Route.ALLOW, Tier.EMBEDDING
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-__all__ = ["DETECTORS", "Detector", "adversarial_suffix"]
+from router.documents import addressed_instructions
+
+__all__ = ["DETECTORS", "Detector", "addressed_instruction", "adversarial_suffix"]
 
 Detector = Callable[[str], tuple[int, int] | None]
 
@@ -70,4 +72,20 @@ def adversarial_suffix(text: str) -> tuple[int, int] | None:
     return start, len(stripped)
 
 
-DETECTORS: dict[str, Detector] = {"adversarial_suffix": adversarial_suffix}
+def addressed_instruction(text: str) -> tuple[int, int] | None:
+    """Span of the first instruction addressed to the assistant, as data would carry it.
+
+    A user asks; a pasted email, web page or tool output does not give the
+    assistant orders. The patterns (`router.documents.addressed_instructions`:
+    "to you, the AI model", a planted "<INFORMATION>" or "### system message"
+    block, "before you answer, ...") are what indirect injections share, and
+    ordinary requests almost never contain them (see the rule's description).
+    """
+    spans = addressed_instructions(text)
+    return spans[0] if spans else None
+
+
+DETECTORS: dict[str, Detector] = {
+    "addressed_instruction": addressed_instruction,
+    "adversarial_suffix": adversarial_suffix,
+}

@@ -8,8 +8,11 @@ for all patterns at once; only the rules that hit are looked at again.
 A rule may instead name a detector (`router.detectors`) for a check a regex
 cannot express; it reads the normalised view only.
 
-A rule either BLOCKs on its own (kept for matches that are certain) or adds
-a risk signal with a weight in [0, 1] that the scorer combines with tier 1.
+A rule either BLOCKs on its own (kept for matches that are certain), ESCALATEs
+(sends the text to the critic at least, whatever the score: for marks that
+benign traffic almost never carries but whose meaning the critic must judge),
+or adds a risk signal with a weight in [0, 1] that the scorer combines with
+tier 1. An escalating rule's weight also counts as a signal.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class RuleAction(enum.Enum):
     """What a rule does when it matches."""
 
     BLOCK = "block"
+    ESCALATE = "escalate"
     SIGNAL = "signal"
 
 

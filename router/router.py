@@ -97,8 +97,11 @@ class RouteResult:
         if self.adjusted_because:
             return f"{self.adjusted_because} (risk score {self.risk_score:.3f})"
         if self.decided_by is Tier.PREFILTER:
-            rules = ", ".join(h.rule_id for h in self.hits if h.action is RuleAction.BLOCK)
-            return f"blocked by prefilter rule {rules}"
+            if self.route is Route.BLOCK:
+                rules = ", ".join(h.rule_id for h in self.hits if h.action is RuleAction.BLOCK)
+                return f"blocked by prefilter rule {rules}"
+            rules = ", ".join(h.rule_id for h in self.hits if h.action is RuleAction.ESCALATE)
+            return f"escalated by prefilter rule {rules} (risk score {self.risk_score:.3f})"
         verb = {Route.ALLOW: "below", Route.ESCALATE: "at or above", Route.BLOCK: "at or above"}
         limit = (
             self.thresholds.block_at if self.route is Route.BLOCK else self.thresholds.escalate_at

@@ -58,7 +58,7 @@ class FitSettings:
     temperature: float = 0.05
     embedding_head: bool = True
     l2: float = 10.0
-    pack_share: float = 0.5
+    pack_share: float = 0.7
     window_words: int = WINDOW_WORDS
     window_stride: int = WINDOW_STRIDE
 

@@ -80,6 +80,7 @@ CRITIC_MODES = {
 _ACTIONS = {
     RuleAction.BLOCK: pb.PREFILTER_ACTION_BLOCK,
     RuleAction.SIGNAL: pb.PREFILTER_ACTION_SIGNAL,
+    RuleAction.ESCALATE: pb.PREFILTER_ACTION_ESCALATE,
 }
 LABELS: dict[str, pb.Label] = {Label.RISKY: pb.LABEL_RISKY, Label.BENIGN: pb.LABEL_BENIGN}
 LABEL_NAMES = {value: name for name, value in LABELS.items()}

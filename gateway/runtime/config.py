@@ -31,7 +31,7 @@ Example file::
       model: gpt-4o-mini        # any OpenAI-compatible endpoint (OPENAI_BASE_URL)
     policies:
       default:
-        escalate_at: 0.75
+        escalate_at: 0.82
         block_at: 0.97
       payflow:
         escalate_at: 0.45
@@ -83,8 +83,10 @@ __all__ = [
     "parse_policy",
 ]
 
-# Chosen with `tierguard eval` on ../shared/datasets (see README, "Tuning thresholds").
-DEFAULT_ESCALATE_AT = 0.75
+# Chosen with `tierguard eval --cross-source --groups 5` on ../shared/datasets: the median,
+# over held-out groups of sources, of the lowest threshold escalating at most 3% of the
+# other groups' ordinary benign (see README, "Tuning thresholds").
+DEFAULT_ESCALATE_AT = 0.82
 DEFAULT_BLOCK_AT = 0.97
 
 
@@ -295,7 +297,7 @@ class ConversationConfig:
         session_decay: Share of a session's earlier risk kept per turn, in [0, 1]:
             after a turn at risk r, the next turns are escalated while
             r x decay^n is at or above the policy's escalate_at (with 0.9 and
-            the default 0.75, two turns after a blocked one).
+            the default 0.82, the turn after a blocked one).
         session_ttl_s: A session unused this long is forgotten.
         max_sessions: Sessions kept in memory; beyond it the least recently used goes.
         data_score_margin: A tool result's or document's segment escalates on

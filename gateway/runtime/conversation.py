@@ -252,7 +252,9 @@ async def _scored(gateway: Gateway, candidate: _Candidate, policy: Policy) -> Ro
                     f"alone only at {threshold:.3f} or above"
                 ),
             )  # fmt: skip
-    if candidate.addressed and routed.route is Route.ALLOW:
+    if candidate.addressed and routed.route is not Route.BLOCK:
+        # the prefilter's inj.addressed_instruction may have escalated it already; the
+        # reason names the message either way, which the rule's id alone does not
         return replace(
             routed, route=Route.ESCALATE,
             adjusted_because=(

@@ -15,6 +15,7 @@ from router.scoring import FEATURE_NAMES, Evidence, ScoringModel, features, pref
 
 SIGNAL = PrefilterHit("r.sig", "c", RuleAction.SIGNAL, 0.5, "normalized", (0, 1))
 BLOCK = PrefilterHit("r.blk", "c", RuleAction.BLOCK, 1.0, "normalized", (0, 1))
+ESCALATE = PrefilterHit("r.esc", "c", RuleAction.ESCALATE, 0.5, "normalized", (0, 1))
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,11 @@ BLOCK = PrefilterHit("r.blk", "c", RuleAction.BLOCK, 1.0, "normalized", (0, 1))
         (0.89, (SIGNAL,), (Route.ESCALATE, Tier.EMBEDDING)),
         (0.90, (), (Route.BLOCK, Tier.EMBEDDING)),
         (0.01, (BLOCK,), (Route.BLOCK, Tier.PREFILTER)),
+        # an escalating rule raises what the score would allow, and only that
+        (0.01, (ESCALATE,), (Route.ESCALATE, Tier.PREFILTER)),
+        (0.60, (ESCALATE,), (Route.ESCALATE, Tier.EMBEDDING)),
+        (0.95, (ESCALATE,), (Route.BLOCK, Tier.EMBEDDING)),
+        (0.01, (ESCALATE, BLOCK), (Route.BLOCK, Tier.PREFILTER)),
     ],
 )
 def test_route_for(
@@ -43,6 +49,7 @@ def test_thresholds_must_be_ordered_and_in_range() -> None:
 def test_prefilter_signal_is_a_noisy_or() -> None:
     assert prefilter_signal(()) == 0.0
     assert prefilter_signal((SIGNAL,)) == pytest.approx(0.5)
+    assert prefilter_signal((ESCALATE,)) == pytest.approx(0.5)  # its weight counts as a signal
     assert prefilter_signal((SIGNAL, SIGNAL)) == pytest.approx(0.75)
     assert prefilter_signal((BLOCK,)) == 1.0
 

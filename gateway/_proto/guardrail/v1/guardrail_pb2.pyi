@@ -59,6 +59,7 @@ class PrefilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREFILTER_ACTION_UNSPECIFIED: _ClassVar[PrefilterAction]
     PREFILTER_ACTION_BLOCK: _ClassVar[PrefilterAction]
     PREFILTER_ACTION_SIGNAL: _ClassVar[PrefilterAction]
+    PREFILTER_ACTION_ESCALATE: _ClassVar[PrefilterAction]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -103,6 +104,7 @@ CRITIC_KIND_LOCAL: CriticKind
 PREFILTER_ACTION_UNSPECIFIED: PrefilterAction
 PREFILTER_ACTION_BLOCK: PrefilterAction
 PREFILTER_ACTION_SIGNAL: PrefilterAction
+PREFILTER_ACTION_ESCALATE: PrefilterAction
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
