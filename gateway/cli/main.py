@@ -382,7 +382,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         offline = OfflineRouter.create(config)
     results = offline.route_rows(rows, policy_name=policy.name)
     scores = [r.risk_score for r in results]
-    tier0 = [r.decided_by is Tier.PREFILTER for r in results]
+    tier0 = [r.route if r.decided_by is Tier.PREFILTER else None for r in results]
     try:
         result = calibrate(rows, scores, tier0, target_recall=args.target_recall,
                            max_escalation=args.max_escalation,

@@ -36,12 +36,18 @@ class Calibration:
     overall: GroupReport
 
 
-def routes_at(scores: np.ndarray, tier0_blocks: np.ndarray, thresholds: Thresholds) -> list[Route]:
-    """The route of every scored text under `thresholds` (tier-0 blocks stay blocks)."""
-    return [
-        Route.BLOCK if blocked else route_for(float(score), (), thresholds)[0]
-        for score, blocked in zip(scores, tier0_blocks, strict=True)
-    ]
+def routes_at(
+    scores: np.ndarray, tier0: Sequence[Route | None], thresholds: Thresholds
+) -> list[Route]:
+    """The route of every scored text under `thresholds`: a prefilter block stays a
+    block, and a text an escalating rule caught is escalated at least."""
+    routes = []
+    for score, forced in zip(scores, tier0, strict=True):
+        route = Route.BLOCK if forced is Route.BLOCK else route_for(float(score), (), thresholds)[0]
+        if forced is Route.ESCALATE and route is Route.ALLOW:
+            route = Route.ESCALATE
+        routes.append(route)
+    return routes
 
 
 def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
@@ -54,7 +60,7 @@ def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
 def calibrate(
     rows: Sequence[LabelledText],
     scores: Sequence[float],
-    tier0_blocks: Sequence[bool],
+    tier0: Sequence[Route | None],
     *,
     target_recall: float | None = None,
     max_escalation: float | None = None,
@@ -62,25 +68,30 @@ def calibrate(
 ) -> Calibration:
     """Recommend thresholds for exactly one of `target_recall` / `max_escalation`.
 
+    `tier0` is the route a prefilter rule imposed on each row (BLOCK, ESCALATE)
+    or None: such rows are caught whatever `escalate_at` is, so they count as
+    escalated when it is chosen; `block_at` sees an escalated row's own score.
+
     Raises:
         ValueError: neither or both targets, or data without the needed labels.
     """
     if (target_recall is None) == (max_escalation is None):
         raise ValueError("give exactly one of target_recall and max_escalation")
     s = np.asarray(scores, dtype=np.float64)
-    blocked0 = np.asarray(tier0_blocks, dtype=bool)
+    forced = np.array([route is not None for route in tier0], dtype=bool)
+    caught_anyway = np.where(forced, 1.0, s)  # what escalate_at is chosen on
     risky = np.array([r.label == Label.RISKY for r in rows])
     ordinary = np.array([r.label == Label.BENIGN and r.category != "benign_hard" for r in rows])
     benign = ~risky
     if target_recall is not None:
         if not risky.any():
             raise ValueError("a recall target needs risky rows")
-        escalate_at = _threshold_for_recall(s[risky], target_recall)  # tier-0 blocks score 1.0
+        escalate_at = _threshold_for_recall(caught_anyway[risky], target_recall)
         target = f"recall on risky >= {target_recall:g}"
     else:
         if not ordinary.any():
             raise ValueError("an escalation budget needs ordinary benign rows")
-        escalate_at = lowest_threshold_at_rate(s[ordinary], max_escalation or 0.0)
+        escalate_at = lowest_threshold_at_rate(caught_anyway[ordinary], max_escalation or 0.0)
         target = f"escalation of ordinary benign <= {max_escalation:g}"
     block_at = (
         max(escalate_at, lowest_threshold_at_rate(s[benign], max_block_benign))
@@ -88,7 +99,7 @@ def calibrate(
         else 1.0
     )
     thresholds = Thresholds(min(escalate_at, 1.0), min(block_at, 1.0))
-    routes = routes_at(s, blocked0, thresholds)
+    routes = routes_at(s, tier0, thresholds)
     by_category: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         by_category[row.category].append(i)

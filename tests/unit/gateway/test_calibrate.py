@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from gateway.offline.calibrate import calibrate, plot_calibration
+from embeddings_index.vocabulary import Route
+from gateway.offline.calibrate import calibrate, plot_calibration, routes_at
 from router.evaluation import LabelledText
 
 
@@ -20,7 +22,7 @@ RISKY_SCORES = [0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1]
 BENIGN_SCORES = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.55, 0.96]
 HARD_SCORES = [0.3, 0.5, 0.65, 0.7]
 SCORES = [*RISKY_SCORES, *BENIGN_SCORES, *HARD_SCORES]
-NO_TIER0 = [False] * len(DATA)
+NO_TIER0: list[Route | None] = [None] * len(DATA)
 
 
 def test_target_recall_picks_the_highest_threshold_that_reaches_it() -> None:
@@ -47,9 +49,22 @@ def test_block_at_blocks_at_most_the_allowed_share_of_benign() -> None:
 
 
 def test_tier0_blocks_count_as_caught() -> None:
-    tier0 = [True] + [False] * (len(DATA) - 1)
+    tier0: list[Route | None] = [Route.BLOCK, *NO_TIER0[1:]]
     result = calibrate(DATA, [1.0, *SCORES[1:]], tier0, target_recall=0.1)
     assert result.overall.recall_risky >= 0.1 and result.overall.blocked > 0
+
+
+def test_rows_an_escalating_rule_caught_are_escalated_not_blocked_and_spend_the_budget() -> None:
+    # the benign row scored 0.3 carries an escalating rule's hit (as a planted
+    # instruction would): it escalates whatever escalate_at is, so a budget of two
+    # benign rows in ten leaves room for one more, 0.96, and not for 0.55
+    tier0 = list(NO_TIER0)
+    tier0[10 + 6] = Route.ESCALATE
+    result = calibrate(DATA, SCORES, tier0, max_escalation=0.2, max_block_benign=0.1)
+    assert 0.55 < result.thresholds.escalate_at <= 0.96
+    assert result.overall.escalation_benign == pytest.approx(0.2)
+    routes = routes_at(np.array(SCORES), tier0, result.thresholds)
+    assert routes[10 + 6] is Route.ESCALATE and routes[10 + 9] is Route.BLOCK  # 0.96 >= block_at
 
 
 def test_exactly_one_target() -> None:
