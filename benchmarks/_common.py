@@ -6,6 +6,7 @@ directory being on sys.path), so the project's packages import after it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,6 +24,17 @@ if str(ROOT) not in sys.path:
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 # ONNX exports and servers' data directories, kept between runs.
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "tierguard-bench"
+
+
+async def announce_and_wait(*ports: object) -> None:
+    """In a benchmark's child: print `READY <ports>` (what `ChildServer` waits for),
+    then wait for SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("READY " + " ".join(str(port) for port in ports), flush=True)
+    await stop.wait()
 
 
 class ChildServer:

@@ -78,7 +78,6 @@ import os
 import platform
 import random
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -90,7 +89,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ChildServer
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ChildServer, announce_and_wait
 
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
@@ -174,12 +173,7 @@ async def serve(args: argparse.Namespace) -> None:
         config = load_config(None, environ={}, overrides=overrides)
         gateway = Gateway.create(config, environ={})  # local critic, no LLM
         running = await start_server(gateway, port=0)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"READY {running.port}", flush=True)
-        await stop.wait()
+        await announce_and_wait(running.port)
         await running.stop(grace_seconds=0)
 
 

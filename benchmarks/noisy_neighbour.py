@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import random
-import signal
 import sys
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ChildServer
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ChildServer, announce_and_wait
 
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
@@ -90,12 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Without a cap, start the server as a tree without the option would (to compare with one).
     cap = {"max_checks_per_caller": args.serve_cap} if args.serve_cap else {}
     running = await start_server(gateway, port=0, **cap)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {running.port}", flush=True)
-    await stop.wait()
+    await announce_and_wait(running.port)
     await running.stop(grace_seconds=0)
 
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import statistics
 import tempfile
 import time
@@ -33,7 +32,11 @@ from typing import Any
 
 import grpc
 import psycopg
-from _common import DEFAULT_WORK_DIR, ChildServer  # puts the repository on sys.path
+from _common import (  # puts the repository on sys.path
+    DEFAULT_WORK_DIR,
+    ChildServer,
+    announce_and_wait,
+)
 
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
@@ -75,12 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
         config = load_config(None, environ={"TIERGUARD_ADMIN_TOKENS": TOKEN}, overrides=overrides)
         gateway = Gateway.create(config, environ={})  # local critic, no LLM
         running = await start_server(gateway, port=0)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"READY {running.port}", flush=True)
-        await stop.wait()
+        await announce_and_wait(running.port)
         await running.stop(grace_seconds=0)
 
 

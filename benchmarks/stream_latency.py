@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT, ChildServer
+from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT, ChildServer, announce_and_wait
 
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
@@ -131,12 +130,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     await echo.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {running.port} {echo_port}", flush=True)
-    await stop.wait()
+    await announce_and_wait(running.port, echo_port)
     await echo.stop(0)
     await running.stop(grace_seconds=0)
 

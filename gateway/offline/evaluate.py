@@ -66,13 +66,21 @@ class OfflineRouter:
     source: str
 
     @classmethod
-    def create(cls, config: Config, *, embedder: Embedder | None = None) -> OfflineRouter:
-        """Load the model and the exemplars; nothing is written."""
+    def create(
+        cls,
+        config: Config,
+        *,
+        embedder: Embedder | None = None,
+        prefilter: Prefilter | None = None,
+        scoring: ScoringModel | None = None,
+    ) -> OfflineRouter:
+        """Load the model and the exemplars; nothing is written. The shipped rules
+        and the configured scorer unless `prefilter` / `scoring` are given."""
         embedder = embedder or make_embedder(config)
         index, source = _read_index(config, embedder)
         router = Router(
-            prefilter=Prefilter.from_directory(),
-            scoring=ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH),
+            prefilter=prefilter or Prefilter.from_directory(),
+            scoring=scoring or ScoringModel.load(config.scoring_model or DEFAULT_MODEL_PATH),
             index=lambda: index,
         )
         return cls(config, router, embedder, source)
