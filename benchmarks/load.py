@@ -14,6 +14,15 @@ hide its queue).
 
     python benchmarks/load.py --quick                 # about 2-3 minutes
     python benchmarks/load.py --json load.json        # the full sweep
+    python benchmarks/load.py --workers 1 2 --channels 8   # serve --workers, on PostgreSQL
+
+`--workers N [N ...]` measures `tierguard serve --workers N` instead (the fast
+configuration's settings, the real CLI and supervisor, on a fresh schema of
+the PostgreSQL database `--store-url`, which several workers need). The
+kernel spreads connections, not calls, over workers, so the clients then
+spread their calls over `--channels` connections of their own (the same
+number for every N, so that only the worker count changes); CPU and memory
+are the supervisor's and its workers' together.
 
 Profiles: `short` is banking77.jsonl (support queries); `mixed` is every benign
 prompt in ../shared/datasets, shuffled. Servers log at WARNING (both configs
@@ -31,11 +40,13 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -125,11 +136,19 @@ class Level:
 
 
 class ServerProcess:
-    """A configuration's server in a subprocess, with CPU and memory readings."""
+    """A configuration's server in a subprocess, with CPU and memory readings.
+
+    With `serve --workers` the readings are the supervisor's and every worker's, summed.
+    """
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         import psutil
 
+        self.name = name
+        if name.startswith("workers"):
+            self._start_workers(int(name.removeprefix("workers")), args)
+            self.ps = psutil.Process(self.proc.pid)
+            return
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -159,29 +178,81 @@ class ServerProcess:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.ps = psutil.Process(self.proc.pid)
 
+    def _start_workers(self, workers: int, args: argparse.Namespace) -> None:
+        """`tierguard serve --workers N` with the fast configuration's settings, on PostgreSQL."""
+        import yaml
+
+        port = _free_port()
+        embedding: dict[str, Any] = {
+            "backend": args.fast_backend, "models_dir": str(args.work_dir / "models"),
+            "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+        }  # fmt: skip
+        if not args.fast_cache:
+            embedding |= {"cache_size": 0, "route_cache_size": 0}
+        settings: dict[str, Any] = {
+            "server": {"host": "127.0.0.1", "port": port},
+            "data_dir": str(args.work_dir / f"data-{self.name}"),
+            "store": {"url": args.store_url},
+            "embedding": embedding,
+        }
+        for item in args.set or []:  # --set workers2:embedding.threads=1
+            config_name, _, assignment = item.partition(":")
+            key, _, value = assignment.partition("=")
+            if config_name == self.name:
+                section, _, field = key.rpartition(".")
+                node = settings.setdefault(section, {}) if section else settings
+                node[field] = yaml.safe_load(value)
+        config = args.work_dir / f"{self.name}.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        command = [sys.executable, "-m", "gateway.cli", "--log-level", "warning", "serve",
+                   "--config", str(config), "--workers", str(workers)]  # fmt: skip
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL)
+        self.port = port
+        self.model_id, self.embedder = args.fast_backend, f"serve --workers {workers}"
+        deadline = time.monotonic() + 900
+        while not _serving(port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start (exit {self.proc.returncode})")
+            time.sleep(0.5)
+        time.sleep(5)  # every worker up, not only the first to answer
+
+    def _processes(self) -> list[Any]:
+        """The server and its workers (psutil processes)."""
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except Exception:  # psutil.NoSuchProcess: gone
+            return [self.ps]
+
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        total = 0.0
+        for process in self._processes():
+            times = process.cpu_times()
+            total += float(times.user + times.system)
+        return total
 
     def reset_peak(self) -> bool:
         """Reset the kernel's peak-RSS mark (VmHWM), so each level reports its own peak."""
         try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            for process in self._processes():
+                Path(f"/proc/{process.pid}/clear_refs").write_text("5")
             return True
         except OSError:
             return False
 
     def peak_rss_mb(self) -> float | None:
+        total = 0.0
         try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+            for process in self._processes():
+                for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
         except OSError:
-            pass
-        return None
+            return None
+        return total or None
 
     def rss_mb(self) -> float:
-        return float(self.ps.memory_info().rss) / 2**20
+        return sum(float(p.memory_info().rss) for p in self._processes()) / 2**20
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -205,10 +276,54 @@ class TextSource:
         return text
 
 
-async def check(stub: pb_grpc.GuardrailServiceStub, text: str) -> bool:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serving(port: int) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class Stubs:
+    """CheckPrompt stubs over `n` connections of their own, taken in turn.
+
+    One channel is one TCP connection, and the kernel hands each connection to
+    one worker of `serve --workers`; several spread the calls.
+    """
+
+    def __init__(self, port: int, n: int) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(n)
+        ]
+        self._stubs = [pb_grpc.GuardrailServiceStub(c) for c in self.channels]
+        self._next = 0
+
+    def take(self) -> pb_grpc.GuardrailServiceStub:
+        stub = self._stubs[self._next % len(self._stubs)]
+        self._next += 1
+        return stub
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+async def check(stubs: Stubs, text: str) -> bool:
     """One CheckPrompt; True when it answered with a verdict."""
     try:
-        reply = await stub.CheckPrompt(pb.CheckPromptRequest(text=text), timeout=60.0)
+        reply = await stubs.take().CheckPrompt(pb.CheckPromptRequest(text=text), timeout=60.0)
     except grpc.aio.AioRpcError:
         return False
     return reply.verdict.decision != pb.DECISION_UNSPECIFIED
@@ -255,7 +370,7 @@ def _level(
 
 async def closed_loop(
     server: ServerProcess,
-    stub: pb_grpc.GuardrailServiceStub,
+    stub: Stubs,
     profile: str,
     source: TextSource,
     concurrency: int,
@@ -297,7 +412,7 @@ async def closed_loop(
 
 async def open_loop(
     server: ServerProcess,
-    stub: pb_grpc.GuardrailServiceStub,
+    stub: Stubs,
     profile: str,
     source: TextSource,
     rate: float,
@@ -379,8 +494,7 @@ async def sweep(
                 f"{info[name]['startup_s']} s to start)",
                 flush=True,
             )
-        channels = {n: grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
-        stubs = {n: pb_grpc.GuardrailServiceStub(c) for n, c in channels.items()}
+        stubs = {n: Stubs(s.port, args.channels) for n, s in servers.items()}
         try:
             for profile in args.profiles:
                 sources = {name: TextSource(profiles[profile]) for name in servers}
@@ -410,8 +524,8 @@ async def sweep(
                     print(_row(level), flush=True)
                     info[name]["requests_sent"][profile] = sources[name].next
         finally:
-            for channel in channels.values():
-                await channel.close()
+            for group in stubs.values():
+                await group.close()
     finally:
         for server in servers.values():
             server.stop()
@@ -421,7 +535,7 @@ async def sweep(
 # -- reporting --------------------------------------------------------------------------
 
 _HEADER = (
-    f"{'config':<6} {'profile':<6} {'load':>10} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
+    f"{'config':<8} {'profile':<6} {'load':>10} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
     f"{'p99 ms':>8} {'err':>4} {'srv cpu':>7} {'cli cpu':>7} {'peak MB':>8} {'loadavg':>7}"
 )
 
@@ -430,10 +544,24 @@ def _row(lv: Level) -> str:
     load = f"c={lv.concurrency}" if lv.mode == "closed" else f"{lv.target_rps:.0f}/s open"
     peak = f"{lv.server_peak_rss_mb:>8.0f}" if lv.server_peak_rss_mb else f"{'-':>8}"
     return (
-        f"{lv.config:<6} {lv.profile:<6} {load:>10} {lv.rps:>8.1f} {lv.p50_ms:>8.1f} "
+        f"{lv.config:<8} {lv.profile:<6} {load:>10} {lv.rps:>8.1f} {lv.p50_ms:>8.1f} "
         f"{lv.p90_ms:>8.1f} {lv.p99_ms:>8.1f} {lv.errors:>4} {lv.server_cpu_cores:>7.2f} "
         f"{lv.client_cpu_cores:>7.2f} {peak} {lv.loadavg_1m:>7.1f}"
     )
+
+
+def worker_ratios(levels: Sequence[Level]) -> list[dict[str, Any]]:
+    """`serve --workers N` against --workers 1: throughput at each profile and concurrency."""
+    by = {(lv.config, lv.profile, lv.concurrency): lv for lv in levels if lv.mode == "closed"}
+    out = []
+    for (config, profile, concurrency), level in sorted(by.items()):
+        one = by.get(("workers1", profile, concurrency))
+        if config.startswith("workers") and config != "workers1" and one and one.rps:
+            out.append({
+                "config": config, "profile": profile, "concurrency": concurrency,
+                "rps": level.rps, "workers1_rps": one.rps, "ratio": level.rps / one.rps,
+            })  # fmt: skip
+    return out
 
 
 def ratios(levels: Sequence[Level]) -> list[dict[str, Any]]:
@@ -499,6 +627,13 @@ def print_summary(levels: Sequence[Level], info: dict[str, Any]) -> None:
             f"  {r['profile']:<6} c={r['concurrency']:<3} {r['fast_rps']:>8.1f} / "
             f"{r['naive_rps']:>7.1f} = {r['ratio']:>5.1f}x"
         )
+    if any(lv.config.startswith("workers") for lv in levels):
+        print("\nserve --workers N / --workers 1 throughput (closed loop)")
+        for r in worker_ratios(levels):
+            print(
+                f"  {r['config']:<8} {r['profile']:<6} c={r['concurrency']:<3} {r['rps']:>8.1f} / "
+                f"{r['workers1_rps']:>7.1f} = {r['ratio']:>5.2f}x"
+            )
     print("\nissue 5 targets (this run)")
     for c in issue_checks(levels):
         mark = {True: "ok  ", False: "MISS", None: "?   "}[c["ok"]]
@@ -539,6 +674,7 @@ async def run(args: argparse.Namespace) -> int:
             },
             "levels": [asdict(lv) for lv in levels],
             "ratios": ratios(levels),
+            "worker_ratios": worker_ratios(levels),
             "checks": issue_checks(levels),
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
@@ -557,6 +693,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
     parser.add_argument("--warmup", type=float, help="seconds before each level (default 2)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="measure `tierguard serve --workers N` for each N instead of --configs "
+        "(on PostgreSQL, see --store-url)",
+    )
+    parser.add_argument(
+        "--store-url",
+        default=os.environ.get(
+            "TIERGUARD_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+        help="--workers: PostgreSQL database; each run uses a fresh schema of it, dropped after",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="client connections the calls are spread over (default 1; use several with "
+        "--workers: each connection goes to one worker)",
+    )
     parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
     parser.add_argument(
         "--fast-backend",
@@ -615,7 +773,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for data_dir in args.work_dir.glob("data-*"):
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(data_dir)
-    return asyncio.run(run(args))
+    if not args.workers:
+        return asyncio.run(run(args))
+    if any(not 1 <= n <= 64 for n in args.workers):
+        raise SystemExit("--workers: each N from 1 to 64")
+    args.configs = [f"workers{n}" for n in args.workers]
+    with _fresh_schema(args.store_url) as url:
+        args.store_url = url
+        return asyncio.run(run(args))
+
+
+@contextlib.contextmanager
+def _fresh_schema(url: str) -> Iterator[str]:
+    """`url` with its connections in a new schema, dropped afterwards (a cold store per run)."""
+    import psycopg
+
+    schema = f"tierguard_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ __all__ = [
     "as_database",
     "describe_url",
     "is_postgres_url",
+    "open_migrated",
 ]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -208,6 +209,29 @@ def as_database(
     if isinstance(location, Database):
         return location
     return SQLiteDatabase(location, durable=durable, timeout_s=timeout_s)
+
+
+def open_migrated(
+    location: Database | Path | str,
+    component: str,
+    migrations: Sequence[str],
+    *,
+    durable: bool = True,
+    timeout_s: float = 5.0,
+) -> Database:
+    """`as_database(location)` with `component`'s migrations applied; closed again if
+    they fail, so a store that cannot start leaves no connection behind.
+
+    Raises:
+        DatabaseError: the database cannot be opened or migrated.
+    """
+    database = as_database(location, durable=durable, timeout_s=timeout_s)
+    try:
+        database.migrate(component, migrations)
+    except BaseException:
+        database.close()
+        raise
+    return database
 
 
 def _statements(script: str) -> list[str]:

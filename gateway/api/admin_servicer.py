@@ -300,8 +300,10 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         counts = await asyncio.to_thread(gateway.index.store.counts)
         usage = await asyncio.to_thread(gateway.records.usage)
         pending = await asyncio.to_thread(gateway.index.store.count_pending_proposals)
+        await asyncio.to_thread(gateway.decisions.flush)  # this gateway's last lines count too
+        window = await asyncio.to_thread(gateway.decisions.traffic)
         traffic = []
-        for name, counters in sorted(gateway.stats.policies.items()):
+        for name, counters in sorted(window.items()):
             policy = gateway.policies.get(name)
             budget = policy.escalation_budget if policy else 0.0
             traffic.append(

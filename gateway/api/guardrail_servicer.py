@@ -244,18 +244,14 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         return out
 
     def _record(self, rpc: str, result: CheckResult, text: str) -> None:
-        """Count the verdict and append it to the decision log."""
-        self._gateway.stats.count(
-            result.policy.name, tier=result.decided_by.value, decision=result.decision.value,
-            escalated=result.escalated, fallback=result.fallback_applied,
-        )  # fmt: skip
+        """Append the verdict to the decision log (which the traffic figures count)."""
         self._gateway.decisions.append(
             LoggedDecision(
                 request_id=REQUEST_ID.get(), rpc=rpc, policy=result.policy.name,
                 decision=result.decision.value, tier=result.decided_by.value,
                 route=result.route.route.value, risk_score=result.route.risk_score,
                 fallback_reason=result.fail_reason, index_version=result.route.index.version,
-                text=text, keep_text=result.policy.record_texts,
+                text=text, keep_text=result.policy.record_texts, escalated=result.escalated,
             )
         )  # fmt: skip
 

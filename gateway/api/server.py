@@ -4,12 +4,19 @@
 production wiring on a loopback port. `serve` adds signals: SIGTERM/SIGINT
 stop gracefully; SIGHUP re-reads the config file (a bad file is rejected with
 a clear message and the old config stays in force).
+
+A lone gateway owns its port: gRPC sets SO_REUSEPORT by default, under which
+a second gateway started on a busy port would silently take half of its
+connections (each with its own index). It is turned off, so that start fails
+instead (`ListenError`). Only the workers of `serve --workers` share a port,
+on purpose (`reuse_port=True`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -29,9 +36,19 @@ from gateway.runtime.app import Gateway
 from gateway.runtime.config import ConfigError, ServerConfig, check_reload, load_config
 from gateway.runtime.metrics import serve_metrics
 
-__all__ = ["RunningServer", "receive_limit_bytes", "reload_config", "serve", "start_server"]
+__all__ = [
+    "ListenError",
+    "RunningServer",
+    "receive_limit_bytes",
+    "reload_config",
+    "serve",
+    "start_server",
+]
 
 log = logging.getLogger(__name__)
+
+# How often a worker of `serve --workers` checks that its supervisor is still there.
+_SUPERVISOR_CHECK_S = 1.0
 
 GUARDRAIL_SERVICE = pb.DESCRIPTOR.services_by_name["GuardrailService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -45,6 +62,10 @@ _TEXTS_PER_CHECK = 2
 _MAX_UTF8_BYTES_PER_CHAR = 4
 # Field tags and lengths, the policy name, and room to spare.
 _FRAMING_BYTES = 64 * 1024
+
+
+class ListenError(OSError):
+    """The server cannot listen on its address (in use by another process, or not local)."""
 
 
 @dataclass
@@ -93,8 +114,13 @@ async def start_server(
     host: str | None = None,
     port: int | None = None,
     max_checks_per_caller: int | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Start serving `gateway`; port 0 picks a free port (see `RunningServer.port`).
+
+    `reuse_port`: share the port with other processes that ask for it too
+    (SO_REUSEPORT; the workers of `serve --workers`, between which the kernel
+    spreads new connections); otherwise a port in use is a `ListenError`.
 
     Requests up to `receive_limit_bytes(server.max_text_chars)` are read (set
     at start: a reload that raises `max_text_chars` past it needs a restart).
@@ -128,7 +154,10 @@ async def start_server(
                 metrics=gateway.metrics,
             ),
         ],
-        options=[("grpc.max_receive_message_length", receive_limit_bytes(config.max_text_chars))],
+        options=[
+            ("grpc.max_receive_message_length", receive_limit_bytes(config.max_text_chars)),
+            ("grpc.so_reuseport", int(reuse_port)),
+        ],
     )
     pb_grpc.add_GuardrailServiceServicer_to_server(GuardrailServicer(gateway), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(gateway), server)
@@ -139,13 +168,16 @@ async def start_server(
     )
     address = f"{host or config.host}:{config.port if port is None else port}"
     credentials = _tls_credentials(config)
-    bound = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # gRPC's words for a failed bind
+        bound = 0
     if not bound:
-        raise OSError(f"cannot listen on {address}")
+        raise ListenError(f"cannot listen on {address}: the port is in use or the host not local")
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     for name in ("", GUARDRAIL_SERVICE, ADMIN_SERVICE):
@@ -202,11 +234,18 @@ def reload_config(gateway: Gateway) -> bool:
     return True
 
 
-async def serve(gateway: Gateway) -> None:
+async def serve(gateway: Gateway, *, supervisor_pid: int | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully; with `metrics.port`
-    set, `/metrics` is served on that port too."""
-    running = await start_server(gateway)
-    metrics_port = gateway.config.metrics.port
+    set, `/metrics` is served on that port too.
+
+    `supervisor_pid`: this is a worker of `serve --workers` started by that
+    process. The port is shared with the other workers, `/metrics` is the
+    supervisor's, and the worker stops (gracefully) once its supervisor is
+    gone, so that no orphan keeps answering on the port with nobody to stop it.
+    """
+    worker = supervisor_pid is not None
+    running = await start_server(gateway, reuse_port=worker)
+    metrics_port = None if worker else gateway.config.metrics.port
     metrics = None
     if metrics_port is not None:
         metrics = serve_metrics(gateway.metrics, gateway.config.server.host, metrics_port)
@@ -216,8 +255,23 @@ async def serve(gateway: Gateway) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, gateway)
+    watch = (
+        asyncio.create_task(_stop_without_supervisor(supervisor_pid, stop))
+        if supervisor_pid is not None
+        else None
+    )
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     log.info("shutting down: finishing calls in flight")
     await running.stop()
     if metrics is not None:
         metrics.stop()
+
+
+async def _stop_without_supervisor(supervisor_pid: int, stop: asyncio.Event) -> None:
+    """Set `stop` once this process's parent is no longer `supervisor_pid` (it died)."""
+    while os.getppid() == supervisor_pid:
+        await asyncio.sleep(_SUPERVISOR_CHECK_S)
+    log.warning("the supervisor (pid %d) is gone: this worker stops", supervisor_pid)
+    stop.set()

@@ -1,7 +1,7 @@
 """The `tierguard` command line: serve, check, eval.
 
 tierguard serve [--config FILE] [--host H] [--port N] [--data-dir DIR] [--metrics-port N]
-                [--store-url postgresql://...]
+                [--store-url postgresql://...] [--workers N]
 tierguard check TEXT [--address HOST:PORT] [--policy P] [--json]
                 [--api-key KEY] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
 tierguard eval --data FILE.jsonl [--data ...] [--json] [--policy P]
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tierguard: TIERGUARD_LOG_FORMAT must be text or json, not {log_format!r}",
               file=sys.stderr)  # fmt: skip
         return 2
-    configure_logging(args.log_level, log_format)
+    configure_logging(args.log_level, log_format, worker=getattr(args, "worker_index", None))
     if args.log_level != "debug":  # "Loading faiss with AVX2 support." on every command
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int,
                        help="serve Prometheus /metrics on this port (or TIERGUARD_METRICS_PORT)")  # fmt: skip
     _store_flag(serve)
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="serve the port from N processes (1-64; or server.workers), each with "
+                            "its own index; more than 1 needs a PostgreSQL --store-url")  # fmt: skip
+    # a worker of `serve --workers` (started by the supervisor, never by hand)
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser("check", help="check a prompt against a running gateway")
@@ -193,6 +199,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides |= {"server.port": args.port, "server.host": args.host}
     if hasattr(args, "metrics_port"):
         overrides |= {"metrics.port": args.metrics_port}
+    if hasattr(args, "workers"):
+        overrides |= {"server.workers": args.workers}
     if hasattr(args, "store_url"):
         overrides |= {"store.url": args.store_url}
     try:
@@ -203,21 +211,27 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from embeddings_index.database import DatabaseError
-    from gateway.api.server import serve
+    from gateway.api.server import ListenError, serve
     from gateway.runtime.app import Gateway
     from gateway.runtime.config import ConfigError
     from gateway.runtime.tracing import configure_from_environment
 
     config = _load(args)
+    if args.worker_index is None and config.server.workers > 1:
+        from gateway.cli.workers import supervise
+
+        return supervise(args, config)
     provider = configure_from_environment()  # OTLP export only when OTEL_* asks for it
     try:
-        gateway = Gateway.create(config, tracer_provider=provider)
-        asyncio.run(serve(gateway))
+        gateway = Gateway.create(config, tracer_provider=provider, worker=args.worker_index)
+        asyncio.run(serve(gateway, supervisor_pid=args.worker_of))
     except ConfigError as exc:  # found while starting: a constitution, a TLS file
         where = f"config file {config.source}: " if config.source else ""
         raise SystemExit(f"tierguard: bad configuration: {where}{exc}") from None
     except DatabaseError as exc:  # PostgreSQL unreachable, a data dir that cannot be written
         raise SystemExit(f"tierguard: cannot open the store: {exc}") from None
+    except ListenError as exc:  # the port is taken
+        raise SystemExit(f"tierguard: {exc}") from None
     finally:
         shutdown = getattr(provider, "shutdown", None)
         if shutdown is not None:

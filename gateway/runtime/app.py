@@ -98,11 +98,14 @@ class Gateway:
         embedder: Embedder | None = None,
         environ: Mapping[str, str] | None = None,
         tracer_provider: TracerProvider | None = None,
+        worker: int | None = None,
     ) -> Gateway:
         """Build every part; slow (loads the model, may embed the starter pack).
 
         `tracer_provider` records the gateway's spans (None: the global provider,
         which records nothing unless `tracing.configure_from_environment` set one).
+        `worker`: this process is that worker of `serve --workers` (its metrics
+        are then written for the supervisor's `/metrics`; see `Metrics`).
 
         Raises:
             ConfigError: a policy names a constitution that does not exist.
@@ -192,6 +195,7 @@ class Gateway:
             route_cache=LRUCache(config.embedding.route_cache_size),
             sessions=_sessions(config.conversation),
             tracer_provider=tracer_provider,
+            metrics=Metrics(worker=worker),
         )
         if config.store.url is not None:  # SQLite: one process per data dir, nothing to follow
             gateway.follower = StoreFollower(
@@ -260,6 +264,7 @@ class Gateway:
 
     async def aclose(self, *, timeout_s: float = 5.0) -> None:
         """Let background work finish (bounded), then release threads, clients and files."""
+        self.metrics.close()
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
         if self._background:

@@ -162,6 +162,8 @@ class ServerConfig:
         tls_key_file: PEM private key of the certificate.
         tls_client_ca_file: PEM CA bundle; when set, clients must present a
             certificate it signed (mutual TLS).
+        workers: Processes serving the port (1 to 64; `serve --workers`), each
+            with its own index; more than one needs a PostgreSQL `store.url`.
     """
 
     host: str = "127.0.0.1"
@@ -174,6 +176,7 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    workers: int = 1
 
 
 class EmbeddingBackend(enum.Enum):
@@ -442,9 +445,9 @@ _ENV = {
 _INT_MAX = 2**31 - 1
 # Tighter bounds, by a field's own name. A check request carries two texts of up to
 # 4 UTF-8 bytes a character, and gRPC refuses messages of 2 GiB and more.
-_INT_LIMITS = {"port": 65_535, "max_text_chars": 100_000_000}
-# 0 would never encode anything, or never connect.
-_INT_MINIMA = {"max_batch": 1, "max_batch_chars": 1, "pool_size": 1}
+_INT_LIMITS = {"port": 65_535, "max_text_chars": 100_000_000, "workers": 64}
+# 0 would never encode anything, or never connect, or never serve.
+_INT_MINIMA = {"max_batch": 1, "max_batch_chars": 1, "pool_size": 1, "workers": 1}
 
 
 def load_config(

@@ -9,6 +9,16 @@ policy records texts; otherwise a SHA-256 hash identifies repeats.
 Its table lives in a `Database`: `<data_dir>/decisions.sqlite3` by default, or
 the fleet's PostgreSQL database (opened not durable: synchronous_commit off
 for these batches, as SQLite's synchronous=NORMAL).
+
+Traffic figures (GetStats, the escalation rate against a policy's budget)
+must count every gateway on a shared store, and stay cheap however much was
+logged. So each batch also adds its counts to `decision_counts`, one row per
+minute, policy, tier and decision, in the same transaction as the lines
+(the counts never disagree with the log). `traffic()` sums the rows of the
+last `TRAFFIC_WINDOW_MINUTES` minutes: a range read on the table's primary
+key, a few hundred rows whatever the request rate. Concurrent writers (every
+gateway and worker) add to the same rows with `INSERT ... ON CONFLICT DO
+UPDATE`, in key order, so two batches never wait on each other in a cycle.
 """
 
 from __future__ import annotations
@@ -21,9 +31,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddings_index.database import Database, DatabaseError, as_database
+from embeddings_index.database import Database, DatabaseError, open_migrated
+from gateway.runtime.stats import PolicyCounters
 
-__all__ = ["DecisionLog", "LoggedDecision"]
+__all__ = ["TRAFFIC_WINDOW_MINUTES", "DecisionLog", "LoggedDecision"]
+
+# traffic() counts the current minute and the 59 before it: the last hour, give or
+# take the minute in progress (a trailing window, so that a budget breach shows
+# while it happens and an old burst stops counting against the policy).
+TRAFFIC_WINDOW_MINUTES = 60
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +63,28 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 CREATE INDEX IF NOT EXISTS decisions_policy ON decisions (policy, id)
 """,
+    # per-minute counts for traffic(): the primary key leads with the minute, so the
+    # window is one range of the key
+    """
+CREATE TABLE IF NOT EXISTS decision_counts (
+    minute BIGINT NOT NULL,
+    policy TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    escalated BIGINT NOT NULL,
+    fallbacks BIGINT NOT NULL,
+    PRIMARY KEY (minute, policy, tier, decision)
+)
+""",
+)
+
+_ADD_COUNTS = (
+    "INSERT INTO decision_counts (minute, policy, tier, decision, requests, escalated, fallbacks) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (minute, policy, tier, decision) DO UPDATE SET "
+    "requests = decision_counts.requests + excluded.requests, "
+    "escalated = decision_counts.escalated + excluded.escalated, "
+    "fallbacks = decision_counts.fallbacks + excluded.fallbacks"
 )
 
 
@@ -65,6 +103,7 @@ class LoggedDecision:
     index_version: int
     text: str
     keep_text: bool
+    escalated: bool = False  # the critic tier was called on (not only routed to it)
 
 
 class DecisionLog:
@@ -78,13 +117,8 @@ class DecisionLog:
         Raises:
             DatabaseError: the database cannot be opened or migrated.
         """
-        self.database = as_database(database, durable=False)
+        self.database = open_migrated(database, "decisions", _MIGRATIONS, durable=False)
         self.path = self.database.path
-        try:
-            self.database.migrate("decisions", _MIGRATIONS)
-        except BaseException:
-            self.database.close()
-            raise
         self._queue: queue.Queue[LoggedDecision | threading.Event | None] = queue.Queue()
         self._flush_s = flush_ms / 1000.0
         self._batch = batch
@@ -127,9 +161,10 @@ class DecisionLog:
     def _write(self, decisions: list[LoggedDecision]) -> None:
         if not decisions:
             return
+        now = time.time()
         rows = [
             (
-                time.time(), d.request_id, d.rpc, d.policy, d.decision, d.tier, d.route,
+                now, d.request_id, d.rpc, d.policy, d.decision, d.tier, d.route,
                 d.risk_score, d.fallback_reason, d.index_version,
                 hashlib.sha256(d.text.encode("utf-8")).hexdigest(), d.text if d.keep_text else None,
             )
@@ -143,6 +178,7 @@ class DecisionLog:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
+                tx.executemany(_ADD_COUNTS, _minute_counts(int(now // 60), decisions))
         except DatabaseError:
             log.exception("could not write %d decisions to %s", len(rows), self.database.name)
 
@@ -160,8 +196,43 @@ class DecisionLog:
         )
         return [(str(route), float(score)) for route, score in rows]
 
+    def traffic(self) -> dict[str, PolicyCounters]:
+        """Counts per policy of the last `TRAFFIC_WINDOW_MINUTES` minutes, every gateway's.
+
+        On a shared store these are the fleet's figures (each gateway's lines
+        arrive within its `flush_ms`); on SQLite, this gateway's.
+
+        Raises:
+            DatabaseError: the store cannot be read.
+        """
+        first = int(time.time() // 60) - TRAFFIC_WINDOW_MINUTES + 1
+        rows = self.database.query(
+            "SELECT policy, tier, decision, SUM(requests), SUM(escalated), SUM(fallbacks) "
+            "FROM decision_counts WHERE minute >= ? GROUP BY policy, tier, decision",
+            (first,),
+        )
+        traffic: dict[str, PolicyCounters] = {}
+        for policy, tier, decision, requests, escalated, fallbacks in rows:
+            counters = traffic.setdefault(str(policy), PolicyCounters())
+            counters.requests += int(requests)
+            counters.escalated += int(escalated)
+            counters.fallbacks += int(fallbacks)
+            counters.decisions[f"{tier}/{decision}"] += int(requests)
+        return traffic
+
     def close(self) -> None:
         """Write what is queued, then close."""
         self._queue.put(None)
         self._writer.join(timeout=5)
         self.database.close()
+
+
+def _minute_counts(minute: int, decisions: list[LoggedDecision]) -> list[tuple[object, ...]]:
+    """`decisions` summed per (policy, tier, decision), as decision_counts rows, in key order."""
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for d in decisions:
+        row = counts.setdefault((d.policy, d.tier, d.decision), [0, 0, 0])
+        row[0] += 1
+        row[1] += d.escalated
+        row[2] += bool(d.fallback_reason)
+    return [(minute, *key, *values) for key, values in sorted(counts.items())]

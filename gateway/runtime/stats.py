@@ -1,9 +1,15 @@
-"""Traffic counters since start: requests, decisions by tier, escalations, fail-mode answers."""
+"""Traffic counters of a policy (read from the decision log) and the gateway's uptime.
+
+The counts themselves are not kept in memory: a process's own counters would
+show one gateway of a fleet (or one worker of `serve --workers`), while a
+policy's escalation budget is the fleet's. `DecisionLog.traffic` sums them
+from the store every gateway writes to.
+"""
 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = ["PolicyCounters", "TrafficStats"]
@@ -16,7 +22,7 @@ class PolicyCounters:
     requests: int = 0
     escalated: int = 0
     fallbacks: int = 0
-    decisions: Counter[str] = field(default_factory=Counter)
+    decisions: Counter[str] = field(default_factory=Counter)  # "tier/decision" -> count
 
     @property
     def escalation_rate(self) -> float:
@@ -25,21 +31,10 @@ class PolicyCounters:
 
 
 class TrafficStats:
-    """Counts every verdict by policy; read by GetStats. Updated on the event loop only."""
+    """When this gateway process started (GetStats' uptime)."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.policies: defaultdict[str, PolicyCounters] = defaultdict(PolicyCounters)
-
-    def count(
-        self, policy: str, *, tier: str, decision: str, escalated: bool, fallback: bool
-    ) -> None:
-        """Count one verdict."""
-        counters = self.policies[policy]
-        counters.requests += 1
-        counters.escalated += escalated
-        counters.fallbacks += fallback
-        counters.decisions[f"{tier}/{decision}"] += 1
 
     @property
     def uptime_s(self) -> float:

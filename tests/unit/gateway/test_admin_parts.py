@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from embeddings_index.database import Storage
@@ -103,3 +105,39 @@ def test_decision_log_keeps_texts_only_when_asked(storage: Storage) -> None:
     if path is not None:  # SQLite: the unkept text is in no byte of the files either
         raw = b"".join(p.read_bytes() for p in path.parent.glob(f"{path.name}*"))
         assert b"text kept=True" in raw and b"text kept=False" not in raw
+
+
+def decision(policy: str, tier: str, verdict: str, *, escalated: bool = False,
+             fallback: str = "") -> LoggedDecision:  # fmt: skip
+    return LoggedDecision("r", "check_prompt", policy, verdict, tier, "allow", 0.3, fallback, 1,
+                          "a text", False, escalated=escalated)  # fmt: skip
+
+
+def test_traffic_counts_every_writer_of_the_store_over_the_last_hour(storage: Storage) -> None:
+    """Two gateways (two logs on one store) are counted together, as GetStats shows them."""
+    first = DecisionLog(storage.open("decisions", durable=False), flush_ms=10)
+    second = DecisionLog(storage.open("decisions", durable=False), flush_ms=10)
+    first.append(decision("p", "embedding", "allow"))
+    first.append(decision("p", "critic", "block", escalated=True))
+    second.append(decision("p", "critic", "allow", escalated=True, fallback="timeout"))
+    second.append(decision("p", "embedding", "allow"))
+    second.append(decision("q", "prefilter", "block"))
+    first.flush()
+    second.flush()
+    minute = int(time.time() // 60)
+    first.database.execute(  # two hours ago: outside the window
+        "INSERT INTO decision_counts VALUES (?, 'p', 'critic', 'block', 50, 50, 0)",
+        (minute - 120,),
+    )
+    for log in (first, second):
+        traffic = log.traffic()
+        assert traffic.keys() == {"p", "q"}
+        p = traffic["p"]
+        assert (p.requests, p.escalated, p.fallbacks) == (4, 2, 1)
+        assert p.escalation_rate == 0.5
+        assert p.decisions == {"embedding/allow": 2, "critic/block": 1, "critic/allow": 1}
+        assert traffic["q"].decisions == {"prefilter/block": 1}
+    rows = first.database.query("SELECT COUNT(*) FROM decisions")
+    assert rows == [(5,)]  # the log lines and the counts come from the same batches
+    first.close()
+    second.close()

@@ -95,6 +95,9 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("embedding: {backend: gpu}", "embedding.backend"),
         ("embedding: {max_batch: 0}", "embedding.max_batch: .*between 1 and"),
         ("metrics: {port: 70000}", "metrics.port"),
+        ("server: {workers: 0}", "server.workers: .*between 1 and 64"),
+        ("server: {workers: 65}", "server.workers: .*between 1 and 64"),
+        ("server: {workers: 1.5}", "server.workers"),
         ("store: {url: 'mysql://db/x'}", "store.url: must be a postgresql:// URL"),
         ("store: {url: ''}", "store.url: .*got empty text"),
         ("store: {pool_size: 0}", "store.pool_size"),
@@ -382,3 +385,14 @@ def test_every_llm_setting_can_be_set_from_the_file(tmp_path: Path, section: str
     settings = getattr(load_config(path, environ={}), section).settings({})
     assert {f.name: getattr(settings, f.name) for f in fields} == wanted
     assert all(wanted[f.name] != f.default for f in fields)  # every field really changed
+
+
+def test_workers_come_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {workers: 3}\n")
+    assert load_config(environ={}).server.workers == 1
+    assert load_config(path, environ={}).server.workers == 3
+    flagged = load_config(path, environ={}, overrides={"server.workers": 2})
+    assert flagged.server.workers == 2
+    with pytest.raises(ConfigError, match=r"^command line: server\.workers: .*between 1 and 64"):
+        load_config(path, environ={}, overrides={"server.workers": 99})
