@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from embeddings_index.database import Database, Row, as_database
+from embeddings_index.database import Database, Row, open_migrated
 
 __all__ = ["CriticRecord", "CriticRecords", "UsageTotals"]
 
@@ -114,13 +114,8 @@ class CriticRecords:
         Raises:
             DatabaseError: the database cannot be opened or migrated.
         """
-        self.database = as_database(database)
+        self.database = open_migrated(database, "critic", _MIGRATIONS)
         self.path = self.database.path
-        try:
-            self.database.migrate("critic", _MIGRATIONS)
-        except BaseException:
-            self.database.close()
-            raise
 
     def close(self) -> None:
         """Close the database (or this store's share of the pool)."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from embeddings_index.database import Database, Transaction, as_database
+from embeddings_index.database import Database, Transaction, open_migrated
 from embeddings_index.vocabulary import Label
 
 __all__ = [
@@ -179,13 +179,8 @@ class ExemplarStore:
             DatabaseError: the database cannot be opened or migrated.
         """
         # A path: a SQLite file, whose writes (a whole pack) may wait long for another process.
-        self.database = as_database(database, timeout_s=30.0)
+        self.database = open_migrated(database, "exemplars", _MIGRATIONS, timeout_s=30.0)
         self.path = self.database.path
-        try:
-            self.database.migrate("exemplars", _MIGRATIONS)
-        except BaseException:
-            self.database.close()
-            raise
 
     def close(self) -> None:
         """Close the database (or this store's share of the pool)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embeddings_index.database import Database, as_database
+from embeddings_index.database import Database, open_migrated
 
 __all__ = ["POLICY_CHANNEL", "AdminState", "AuditEvent"]
 
@@ -85,13 +85,8 @@ class AdminState:
         Raises:
             DatabaseError: the database cannot be opened or migrated.
         """
-        self.database = as_database(database)
+        self.database = open_migrated(database, "admin", _MIGRATIONS)
         self.path = self.database.path
-        try:
-            self.database.migrate("admin", _MIGRATIONS)
-        except BaseException:
-            self.database.close()
-            raise
 
     def close(self) -> None:
         """Close the database (or this store's share of the pool)."""
