@@ -14,6 +14,7 @@ with a message saying so, unless TIERGUARD_TEST_SKIP_PG=1 skips them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -99,18 +100,24 @@ def in_schema(url: str, schema: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
-    """The URL of a fresh, empty schema of the test database, dropped after the test.
-
-    Every test gets its own schema, so tests may run in parallel and again.
-    """
+@contextlib.contextmanager
+def fresh_schema(pg_server: str) -> Iterator[str]:
+    """The URL of a new, empty schema of the test database, dropped on exit."""
     schema = f"tierguard_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    yield in_schema(pg_server, schema)
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield in_schema(pg_server, schema)
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh schema for each test, so tests may run in parallel and again."""
+    with fresh_schema(pg_server) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

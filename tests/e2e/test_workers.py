@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.api.server import ListenError, RunningServer, start_server
-from tests.conftest import in_schema
+from tests.conftest import fresh_schema
 from tests.e2e.conftest import ATTACK, PARAPHRASE
 from tests.e2e.test_metrics import scrape, value
 from tests.e2e.test_process import free_port, wait_serving
@@ -138,12 +137,8 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def schema_url(pg_server: str) -> Iterator[str]:
     """A fresh schema for this module's gateways (dropped at the end)."""
-    schema = f"tierguard_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield in_schema(pg_server, schema)
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_schema(pg_server) as url:
+        yield url
 
 
 def make_workers(root: Path, url: str, models_dir: Path, name: str) -> Workers:
