@@ -40,7 +40,7 @@ from gateway.offline.adaptation import (
     Check,
     run_adaptation,
 )
-from gateway.runtime.config import Config
+from gateway.runtime.config import Config, load_config
 from router.evaluation import LabelledText
 
 __all__ = ["GrpcGateway", "adapt", "child_gateway"]
@@ -237,6 +237,12 @@ def adapt(
                 raise SystemExit("tierguard: --address needs an admin token (--token or "
                                  "TIERGUARD_ADMIN_TOKEN)")  # fmt: skip
             return asyncio.run(_drive(args.address, token, rows, args, args.address))
+        if args.config is not None and load_config(args.config, environ={}).store.url:
+            # the child reads the same file: it would add and remove exemplars in that database
+            raise SystemExit("tierguard: --adaptation starts a gateway of its own, and the config "
+                             "file's store.url would point it at a shared database whose "
+                             "exemplars it changes; use a config without store.url, or "
+                             "--address a test gateway")  # fmt: skip
         if config.server.tls_cert_file or config.server.require_api_key:
             raise SystemExit("tierguard: --adaptation starts a plaintext gateway without API "
                              "keys; use a config without TLS and require_api_key, or --address")  # fmt: skip

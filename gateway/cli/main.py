@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure routing on labelled JSONL, in process")
     _config_flags(evaluate)
+    _store_flag(evaluate)
     evaluate.add_argument("--data", action="extend", nargs="+", required=True, type=Path,
                           metavar="FILE", help="labelled JSONL files (repeatable)")  # fmt: skip
     evaluate.add_argument("--policy", default="", help="policy whose thresholds apply")
@@ -154,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate", help="recommend thresholds for a recall target or an escalation budget"
     )
     _config_flags(calibrate)
+    _store_flag(calibrate)
     calibrate.add_argument("--data", action="extend", nargs="+", required=True, type=Path,
                            metavar="FILE", help="labelled JSONL files")  # fmt: skip
     target = calibrate.add_mutually_exclusive_group(required=True)
@@ -333,6 +335,9 @@ def _adaptation(args: argparse.Namespace, config: Config) -> int:
 
     if args.cross_source:
         raise SystemExit("tierguard: --adaptation and --cross-source are separate runs")
+    if args.store_url:
+        raise SystemExit("tierguard: --adaptation starts a gateway of its own on a fresh data "
+                         "directory; --store-url does not apply (use --address for another)")  # fmt: skip
     if not 1 <= args.adaptation <= 1000:
         raise SystemExit("tierguard: --adaptation K: from 1 to 1000 exemplars per family")
     if args.concurrency < 1:

@@ -10,13 +10,13 @@ shipped starter pack) into an in-memory index.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from embeddings_index.database import DatabaseError, Storage
 from embeddings_index.embedder import Embedder
 from embeddings_index.faiss_index import ExemplarIndex
 from embeddings_index.starter import load_precomputed_vectors, load_starter_pack
@@ -116,12 +116,15 @@ class OfflineRouter:
 
 
 def _read_index(config: Config, embedder: Embedder) -> tuple[ExemplarIndex, str]:
-    """The live exemplars of the data directory's store (read-only), else the starter pack."""
+    """The live exemplars of the configured store (PostgreSQL at `store.url`, or the
+    data directory's SQLite file), else the starter pack. Nothing is written but
+    the store's schema, where it is older than this version's."""
     path = config.data_dir / "exemplars.sqlite3"
     exemplars: list[Exemplar]
-    if path.is_file():
-        exemplars, vectors, version = _read_store(path, embedder)
-        source = f"{path} (version {version})"
+    if config.store.url is not None or path.is_file():
+        storage = Storage(config.store.url, config.data_dir)
+        exemplars, vectors, version = _read_store(storage, embedder)
+        source = f"{storage.description} (version {version})"
     else:
         exemplars, version = load_starter_pack(), 0
         cache = VectorCache(None, embedder.model_id, known=load_precomputed_vectors())
@@ -139,13 +142,13 @@ def _read_index(config: Config, embedder: Embedder) -> tuple[ExemplarIndex, str]
     return index, source
 
 
-def _read_store(path: Path, embedder: Embedder) -> tuple[list[Exemplar], np.ndarray, int]:
+def _read_store(storage: Storage, embedder: Embedder) -> tuple[list[Exemplar], np.ndarray, int]:
     from embeddings_index.store import ExemplarStore
 
     try:
-        store = ExemplarStore(path)
-    except sqlite3.Error as exc:
-        raise ValueError(f"cannot read the exemplar store {path}: {exc}") from exc
+        store = ExemplarStore(storage.open("exemplars"))
+    except DatabaseError as exc:
+        raise ValueError(f"cannot read the exemplar store ({storage.description}): {exc}") from exc
     try:
         exemplars, vectors, missing = store.live_vectors(embedder.model_id)
         version = store.version

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embeddings_index.embedder import SentenceTransformerEmbedder
@@ -20,6 +21,7 @@ from gateway.offline.evaluate import evaluate_cross_source, evaluate_files, form
 from gateway.runtime.app import Gateway
 from gateway.runtime.config import Tenant
 from router.cross_source import format_cross_source
+from router.evaluation import LabelledText
 from tests.conftest import make_config
 from tests.e2e.test_tls import pki  # noqa: F401 - the fixture: a CA, server and client certificates
 
@@ -257,3 +259,28 @@ def test_an_unknown_log_format_is_one_line_and_exit_2(
     assert main(["check", "hello", "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "TIERGUARD_LOG_FORMAT" in err and "json" in err
+
+
+def test_eval_reads_the_exemplars_of_the_configured_postgresql_store(
+    pg_url: str, embedder: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    from embeddings_index.database import Storage
+    from embeddings_index.store import Exemplar, ExemplarStore
+    from gateway.offline.evaluate import OfflineRouter
+    from gateway.runtime.config import StoreConfig
+
+    text = "Light the seventh lantern so that the copper door opens for the pale visitor"
+    storage = Storage(pg_url, tmp_path)
+    store = ExemplarStore(storage.open("exemplars"))
+    try:  # an exemplar only this database holds, embedded by another model: no vector here
+        store.add([Exemplar("lantern-1", text, "risky", "injection", "incident-1")],
+                   np.ones((1, 4), dtype=np.float32), embedding_model="another-model")  # fmt: skip
+    finally:
+        store.close()
+    config = replace(make_config(tmp_path / "empty"), store=StoreConfig(url=pg_url))
+    offline = OfflineRouter.create(config, embedder=embedder)
+    assert offline.source.startswith("postgresql://") and "(version 1)" in offline.source
+    [result] = offline.route_rows([LabelledText("1", text, "risky", "injection", "t", "t.jsonl")])
+    assert result.neighbors is not None
+    nearest = result.index.ids[result.neighbors.positions[0]]
+    assert nearest == "lantern-1" and result.neighbors.similarities[0] > 0.99

@@ -158,3 +158,19 @@ def test_bad_adaptation_flags_are_one_line(
 ) -> None:
     assert main(["eval", "--data", str(tmp_path / "x.jsonl"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_adaptation_never_starts_its_gateway_on_a_shared_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the child gateway reads the same config file: it would add and remove exemplars
+    # in the fleet's database
+    config = tmp_path / "fleet.yaml"
+    config.write_text("store: {url: 'postgresql://tierguard@db.internal/tierguard'}\n")
+    data = tmp_path / "x.jsonl"
+    data.write_text('{"text": "t", "label": "risky", "category": "harmful"}\n' * 30)
+    argv = ["eval", "--adaptation", "5", "--groups", "0", "--data", str(data)]
+    assert main([*argv, "--config", str(config)]) == 2
+    assert "store.url would point it at a shared database" in capsys.readouterr().err
+    assert main([*argv, "--store-url", "postgresql://tierguard@db.internal/tierguard"]) == 2
+    assert "--store-url does not apply" in capsys.readouterr().err
