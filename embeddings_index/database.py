@@ -245,6 +245,27 @@ def _one_line(exc: BaseException) -> str:
 # -- SQLite -------------------------------------------------------------------------
 
 
+def _switch_to_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while another connection holds the file.
+
+    Processes or threads opening a new file together race to switch its journal
+    mode; SQLite answers "database is locked" at once, without its busy timeout,
+    to one that would otherwise risk a deadlock. The loser tries again (the
+    switch is done once per file; later opens find WAL and return at once).
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 class _SQLiteTransaction(Transaction):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -295,7 +316,7 @@ class SQLiteDatabase(Database):
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open {self.path}: {_one_line(exc)}") from exc
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(self._conn, timeout_s)
             self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         except sqlite3.Error as exc:
             self._conn.close()
