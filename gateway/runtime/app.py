@@ -131,7 +131,10 @@ class Gateway:
                 store=ExemplarStore(storage.open("exemplars", timeout_s=30.0)),
             )
             records = CriticRecords(storage.open("critic"))
-            decisions = DecisionLog(storage.open("decisions", durable=False))
+            decisions = DecisionLog(
+                storage.open("decisions", durable=False),
+                retention_days=config.store.decision_retention_days,
+            )
         except BaseException:
             storage.close()  # PostgreSQL: the pool's connections and threads
             admin_state.close()

@@ -21,6 +21,7 @@ Example file::
     data_dir: /var/lib/tierguard
     store:
       url: postgresql://tierguard@db.internal:5432/tierguard   # unset: SQLite in data_dir
+      decision_retention_days: 30   # the decision log keeps 30 days (0: everything)
     default_policy: default
     embedding:
       backend: onnx             # onnx | onnx-int8 | torch
@@ -374,15 +375,22 @@ class StoreConfig:
         poll_s: PostgreSQL: seconds between the checks a gateway makes of the
             store for changes made through other gateways, besides the
             notifications that announce them (a safety net for a lost one).
+        decision_retention_days: The decision log (and its per-minute counts)
+            keeps this many days; older lines are deleted as new ones are
+            written. 0 keeps everything. Exemplars, their history, the audit
+            log and critic records are never deleted.
     """
 
     url: str | None = None
     pool_size: int = 10
     poll_s: float = 5.0
+    decision_retention_days: float = 30.0
 
     def __post_init__(self) -> None:
         if self.poll_s <= 0:
             raise ValueError("poll_s: must be positive")
+        if not 0 <= self.decision_retention_days < 1e6:
+            raise ValueError("decision_retention_days: must be 0 (keep all) or a number of days")
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,15 @@ from pathlib import Path
 from embeddings_index.database import Database, DatabaseError, open_migrated
 from gateway.runtime.stats import PolicyCounters
 
-__all__ = ["TRAFFIC_WINDOW_MINUTES", "DecisionLog", "LoggedDecision"]
+__all__ = ["PRUNE_EVERY_S", "TRAFFIC_WINDOW_MINUTES", "DecisionLog", "LoggedDecision"]
 
 # traffic() counts the current minute and the 59 before it: the last hour, give or
 # take the minute in progress (a trailing window, so that a budget breach shows
 # while it happens and an old burst stops counting against the policy).
 TRAFFIC_WINDOW_MINUTES = 60
+# How often the writer deletes what is past the retention, and how many lines at a time.
+PRUNE_EVERY_S = 600.0
+_PRUNE_BATCH = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ CREATE TABLE IF NOT EXISTS decision_counts (
     PRIMARY KEY (minute, policy, tier, decision)
 )
 """,
+    # retention deletes by time
+    "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time)",
 )
 
 _ADD_COUNTS = (
@@ -110,13 +115,24 @@ class DecisionLog:
     """Appends decisions from any thread; reads recent ones for replay."""
 
     def __init__(
-        self, database: Database | Path, *, flush_ms: float = 200.0, batch: int = 500
+        self,
+        database: Database | Path,
+        *,
+        flush_ms: float = 200.0,
+        batch: int = 500,
+        retention_days: float = 0.0,
     ) -> None:
         """Open the log in `database` (a SQLite file if a path, opened not durable).
+
+        Args:
+            retention_days: Lines and counts older than this are deleted by the
+                writer, at most every `PRUNE_EVERY_S` (0: kept forever).
 
         Raises:
             DatabaseError: the database cannot be opened or migrated.
         """
+        self.retention_s = retention_days * 86_400.0
+        self._next_prune = 0.0  # the first write prunes
         self.database = open_migrated(database, "decisions", _MIGRATIONS, durable=False)
         self.path = self.database.path
         self._queue: queue.Queue[LoggedDecision | threading.Event | None] = queue.Queue()
@@ -155,8 +171,42 @@ class DecisionLog:
                 except queue.Empty:
                     break
             self._write(pending)
-            for waiter in waiters:
+            if self.retention_s and time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                try:
+                    self.prune()
+                except DatabaseError:
+                    log.exception("could not prune the decision log in %s", self.database.name)
+            for waiter in waiters:  # a flush returns once what it waited for is done
                 waiter.set()
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the lines and per-minute counts older than the retention, in
+        batches (no long lock on a big table); returns how many lines went.
+
+        Every gateway on a shared store prunes; deleting what another already
+        deleted is harmless.
+
+        Raises:
+            DatabaseError: the store cannot be written.
+        """
+        if not self.retention_s:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        deleted = 0
+        while True:
+            with self.database.transaction() as tx:
+                n = tx.execute(
+                    "DELETE FROM decisions WHERE id IN "
+                    "(SELECT id FROM decisions WHERE time < ? LIMIT ?)",
+                    (cutoff, _PRUNE_BATCH),
+                )
+            deleted += n
+            if n < _PRUNE_BATCH:
+                break
+        with self.database.transaction() as tx:
+            tx.execute("DELETE FROM decision_counts WHERE minute < ?", (int(cutoff // 60),))
+        return deleted
 
     def _write(self, decisions: list[LoggedDecision]) -> None:
         if not decisions:

@@ -141,3 +141,47 @@ def test_traffic_counts_every_writer_of_the_store_over_the_last_hour(storage: St
     assert rows == [(5,)]  # the log lines and the counts come from the same batches
     first.close()
     second.close()
+
+
+def test_the_decision_log_deletes_what_is_past_its_retention(storage: Storage) -> None:
+    log = DecisionLog(storage.open("decisions", durable=False), flush_ms=10, retention_days=7)
+    log.append(decision("p", "embedding", "allow"))
+    log.flush()
+    day = 86_400.0
+    now = time.time()
+    old = ("old", "check_prompt", "p", "allow", "embedding", "allow", 0.1, "", 1, "h", None)
+    for age_days in (8, 30):  # past the retention
+        log.database.execute("INSERT INTO decisions (time, request_id, rpc, policy, decision, "
+                             "tier, route, risk_score, fallback_reason, index_version, "
+                             "text_sha256, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (now - age_days * day, *old))  # fmt: skip
+        log.database.execute(
+            "INSERT INTO decision_counts VALUES (?, 'p', 'embedding', 'allow', 9, 0, 0)",
+            (int((now - age_days * day) // 60),),
+        )
+    assert log.prune(now=now) == 2
+    assert log.database.query("SELECT request_id FROM decisions") == [("r",)]  # today's stays
+    assert log.database.query("SELECT SUM(requests) FROM decision_counts") == [(1,)]
+    assert log.prune(now=now + 8 * day) == 1  # a week later, today's line goes too
+    log.close()
+    keep_all = DecisionLog(storage.open("decisions", durable=False), flush_ms=10)
+    assert keep_all.prune(now=now + 365 * day) == 0  # retention 0: nothing is ever deleted
+    keep_all.close()
+
+
+def test_the_writer_prunes_as_it_writes(storage: Storage) -> None:
+    database = storage.open("decisions", durable=False)
+    first = DecisionLog(database, flush_ms=10)
+    first.database.execute(
+        "INSERT INTO decisions (time, request_id, rpc, policy, decision, tier, route, risk_score, "
+        "fallback_reason, index_version, text_sha256, text) "
+        "VALUES (?, 'ancient', 'check_prompt', 'p', 'allow', 'embedding', 'allow', 0.1, '', 1, "
+        "'h', NULL)",
+        (time.time() - 400 * 86_400.0,),
+    )
+    first.close()
+    log = DecisionLog(storage.open("decisions", durable=False), flush_ms=10, retention_days=30)
+    log.append(decision("p", "embedding", "allow"))
+    log.flush()  # the first write prunes
+    assert log.database.query("SELECT request_id FROM decisions") == [("r",)]
+    log.close()

@@ -103,6 +103,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("store: {pool_size: 0}", "store.pool_size"),
         ("store: {poll_s: 0}", "store: poll_s: must be positive"),
         ("store: {poll_s: -1}", "store.poll_s"),
+        ("store: {decision_retention_days: -1}", "store.decision_retention_days: .*negative"),
+        ("store: {decision_retention_days: 1e9}", "store: decision_retention_days: must be 0"),
         ("stream: {window_chars: 0}", "stream"),
         ("conversation: {session_decay: 1.5}", "conversation"),
         ("policies: {p: {stream_mode: later}}\ndefault_policy: p", "policies.p.stream_mode"),
