@@ -78,7 +78,8 @@ def supervise(args: argparse.Namespace, config: Config) -> int:
     worker that ended unexpectedly (1 if it was killed by a signal).
 
     Raises:
-        SystemExit: (with a one-line message) no shared store, or the port is in use.
+        SystemExit: (with a one-line message) no shared store, one that cannot be
+            reached, or the port is in use.
     """
     count = config.server.workers
     if config.store.url is None:
@@ -88,6 +89,7 @@ def supervise(args: argparse.Namespace, config: Config) -> int:
             "see the others' changes; give --store-url postgresql://... (or store.url, "
             "TIERGUARD_STORE_URL), or run one worker"
         )
+    _check_store(config)
     host = config.server.host
     hold = _hold_port(host, config.server.port)
     port = int(hold.getsockname()[1])
@@ -96,6 +98,24 @@ def supervise(args: argparse.Namespace, config: Config) -> int:
             return _Supervisor(args, config, port, Path(metrics_dir)).run()
     finally:
         hold.close()
+
+
+def _check_store(config: Config) -> None:
+    """One query on the store before any worker starts: an unreachable database is
+    one line from the supervisor, not one from every worker."""
+    from embeddings_index.database import DatabaseError, Storage
+
+    storage = Storage(config.store.url, config.data_dir, pool_size=1)
+    try:
+        database = storage.open("exemplars")
+        try:
+            database.query("SELECT 1")
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        raise SystemExit(f"tierguard: cannot open the store: {exc}") from None
+    finally:
+        storage.close()
 
 
 def _hold_port(host: str, port: int) -> socket.socket:

@@ -334,6 +334,21 @@ def test_several_workers_on_the_sqlite_default_are_refused_in_one_line(tmp_path:
         assert not (tmp_path / "data").exists()  # refused before anything was opened
 
 
+def test_an_unreachable_store_is_one_line_from_the_supervisor(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql://tierguard@127.0.0.1:{port}/tierguard?connect_timeout=2"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "3", "--store-url", url,
+         "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()  # not one line per worker
+    assert line.startswith("tierguard: cannot open the store: ") and str(port) in line
+
+
 @pytest.mark.parametrize("workers", ["0", "65"])
 def test_a_worker_count_out_of_range_is_one_line_and_exit_2(tmp_path: Path, workers: str) -> None:
     result = subprocess.run(
