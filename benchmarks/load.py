@@ -45,8 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ import grpc
 import numpy as np
 from _common import DEFAULT_DATA, DEFAULT_WORK_DIR, ROOT
 
+from embeddings_index.database import scratch_schema
 from embeddings_index.vocabulary import Label
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
@@ -778,24 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(not 1 <= n <= 64 for n in args.workers):
         raise SystemExit("--workers: each N from 1 to 64")
     args.configs = [f"workers{n}" for n in args.workers]
-    with _fresh_schema(args.store_url) as url:
+    with scratch_schema(args.store_url, "tierguard_bench") as url:  # a cold store per run
         args.store_url = url
         return asyncio.run(run(args))
-
-
-@contextlib.contextmanager
-def _fresh_schema(url: str) -> Iterator[str]:
-    """`url` with its connections in a new schema, dropped afterwards (a cold store per run)."""
-    import psycopg
-
-    schema = f"tierguard_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 if __name__ == "__main__":

@@ -25,19 +25,18 @@ import random
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 from _common import (  # puts the repository on sys.path
     DEFAULT_WORK_DIR,
     ChildServer,
     announce_and_wait,
 )
 
+from embeddings_index.database import scratch_schema
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
@@ -156,22 +155,17 @@ def summary(name: str, values: Sequence[float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    schema = f"tierguard_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(args.pg_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = f"{args.pg_url}{'&' if '?' in args.pg_url else '?'}options=-csearch_path%3D{schema}"
     replicas: list[Replica] = []
-    try:
-        replicas.append(Replica(args, url))  # A brings the starter pack into the store
-        replicas.append(Replica(args, url))
-        a, b = replicas
-        results = asyncio.run(measure(args, a, b))
-        cpu = {"a": a.cpu_seconds(), "b": b.cpu_seconds()}
-    finally:
-        for replica in replicas:
-            replica.stop()
-        with psycopg.connect(args.pg_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with scratch_schema(args.pg_url, "tierguard_bench") as url:
+        try:
+            replicas.append(Replica(args, url))  # A brings the starter pack into the store
+            replicas.append(Replica(args, url))
+            a, b = replicas
+            results = asyncio.run(measure(args, a, b))
+            cpu = {"a": a.cpu_seconds(), "b": b.cpu_seconds()}
+        finally:
+            for replica in replicas:
+                replica.stop()
     print(f"{args.changes} changes, AddExemplars on A -> first CheckPrompt on B that uses it"
           f" ({args.background} background checks in flight on B)")  # fmt: skip
     print(summary("propagation (ack on A -> B)", results["propagation_ms"]))

@@ -30,6 +30,7 @@ import functools
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -54,6 +55,8 @@ __all__ = [
     "describe_url",
     "is_postgres_url",
     "open_migrated",
+    "scratch_schema",
+    "url_in_schema",
 ]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -209,6 +212,29 @@ def as_database(
     if isinstance(location, Database):
         return location
     return SQLiteDatabase(location, durable=durable, timeout_s=timeout_s)
+
+
+def url_in_schema(url: str, schema: str) -> str:
+    """`url` with every connection's search_path set to `schema`."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextmanager
+def scratch_schema(url: str, prefix: str = "tierguard_scratch") -> Iterator[str]:
+    """A new, empty schema of the PostgreSQL database at `url`, as a URL whose
+    connections use it; dropped with everything in it on exit. For tests and
+    benchmarks that need a cold store without a database of their own."""
+    import psycopg
+    from psycopg import sql
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield url_in_schema(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def open_migrated(

@@ -14,10 +14,8 @@ with a message saying so, unless TIERGUARD_TEST_SKIP_PG=1 skips them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from embeddings_index.database import Storage
+from embeddings_index.database import Storage, scratch_schema
 from embeddings_index.embedder import SentenceTransformerEmbedder
 from embeddings_index.manager import IndexManager
 from embeddings_index.vocabulary import CriticMode, FailMode
@@ -95,28 +93,10 @@ def pg_server() -> str:
     return PG_TEST_URL
 
 
-def in_schema(url: str, schema: str) -> str:
-    """`url` with every connection's search_path set to `schema`."""
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-
-
-@contextlib.contextmanager
-def fresh_schema(pg_server: str) -> Iterator[str]:
-    """The URL of a new, empty schema of the test database, dropped on exit."""
-    schema = f"tierguard_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield in_schema(pg_server, schema)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
 @pytest.fixture
 def pg_url(pg_server: str) -> Iterator[str]:
     """A fresh schema for each test, so tests may run in parallel and again."""
-    with fresh_schema(pg_server) as url:
+    with scratch_schema(pg_server, "tierguard_test") as url:
         yield url
 
 

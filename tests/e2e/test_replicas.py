@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,11 @@ import grpc
 import psycopg
 import pytest
 
+from embeddings_index.database import scratch_schema
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
-from tests.conftest import in_schema
 from tests.e2e.conftest import ATTACK, PARAPHRASE
 from tests.e2e.test_metrics import scrape
 from tests.e2e.test_process import free_port, wait_serving
@@ -156,11 +155,11 @@ def fleet(
     pg_server: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     """Two replicas started at the same moment on a fresh schema of the test database."""
-    schema = f"tierguard_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = in_schema(pg_server, schema)
-    root = tmp_path_factory.mktemp("replicas")
+    with scratch_schema(pg_server, "tierguard_test") as url:
+        yield from _fleet(url, models_dir, tmp_path_factory.mktemp("replicas"))
+
+
+def _fleet(url: str, models_dir: Path, root: Path) -> Iterator[Fleet]:
     replicas = []
     for name in ("a", "b"):
         port, metrics_port = free_port(), free_port()
@@ -179,8 +178,6 @@ def fleet(
     finally:
         for replica in replicas:
             replica.stop()
-        with psycopg.connect(pg_server, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def risky(text: str, exemplar_id: str = "") -> apb.Exemplar:

@@ -23,12 +23,12 @@ import grpc
 import psycopg
 import pytest
 
+from embeddings_index.database import scratch_schema
 from gateway._proto.guardrail.v1 import admin_pb2 as apb
 from gateway._proto.guardrail.v1 import admin_pb2_grpc as apb_grpc
 from gateway._proto.guardrail.v1 import guardrail_pb2 as pb
 from gateway._proto.guardrail.v1 import guardrail_pb2_grpc as pb_grpc
 from gateway.api.server import ListenError, RunningServer, start_server
-from tests.conftest import fresh_schema
 from tests.e2e.conftest import ATTACK, PARAPHRASE
 from tests.e2e.test_metrics import scrape, value
 from tests.e2e.test_process import free_port, wait_serving
@@ -137,7 +137,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def schema_url(pg_server: str) -> Iterator[str]:
     """A fresh schema for this module's gateways (dropped at the end)."""
-    with fresh_schema(pg_server) as url:
+    with scratch_schema(pg_server, "tierguard_test") as url:
         yield url
 
 
