@@ -26,6 +26,7 @@ from gateway.api.convert import (
     audit_event_to_proto,
     decision_counts_to_proto,
     exemplar_to_proto,
+    exposed_texts,
     policy_from_proto,
     policy_to_proto,
     route_counts_to_proto,
@@ -175,8 +176,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
             self._gateway.constitution(policy), routed.reason,
             escalated=routed.route is Route.ESCALATE,
         )  # fmt: skip
+        texts = await asyncio.to_thread(exposed_texts, result, self._gateway.index.store)
         verdict = verdict_to_proto(
-            result, request_id=REQUEST_ID.get(), total_ms=0.0, store=self._gateway.index.store
+            result, request_id=REQUEST_ID.get(), total_ms=0.0, exemplar_texts=texts
         )
         return apb.SearchExemplarsResponse(matches=verdict.nearest_exemplars, verdict=verdict)
 

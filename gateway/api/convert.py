@@ -41,6 +41,8 @@ __all__ = [
     "conversation_verdict_extras",
     "decision_counts_to_proto",
     "exemplar_to_proto",
+    "exposed_texts",
+    "exposes_texts",
     "policy_from_proto",
     "policy_to_proto",
     "route_counts_to_proto",
@@ -115,10 +117,11 @@ def verdict_to_proto(
     *,
     request_id: str,
     total_ms: float,
-    store: ExemplarStore,
+    exemplar_texts: Mapping[str, str],
     generate_ms: float = 0.0,
 ) -> pb.Verdict:
-    """The Verdict message for a check; exemplar texts come from `store` when exposed."""
+    """The Verdict message for a check, with `exemplar_texts` (`exposed_texts`) when
+    its policy exposes evidence."""
     routed = result.route
     timings = routed.timings
     outcome = result.outcome
@@ -133,7 +136,7 @@ def verdict_to_proto(
         policy=result.policy.name,
         index_version=routed.index.version,
         request_id=request_id,
-        nearest_exemplars=_matches(result, store=store),
+        nearest_exemplars=_matches(result, exemplar_texts),
         prefilter_hits=[_hit(hit) for hit in routed.hits],
         timings=pb.Timings(
             normalize_ms=timings.normalize_ms,
@@ -171,18 +174,37 @@ def verdict_to_proto(
     return verdict
 
 
-def _matches(result: CheckResult, *, store: ExemplarStore) -> list[pb.ExemplarMatch]:
+def exposes_texts(result: CheckResult) -> bool:
+    """The verdict names exemplars and its policy shows their texts (a store read)."""
+    return result.route.neighbors is not None and result.policy.expose_evidence
+
+
+def exposed_texts(result: CheckResult, store: ExemplarStore) -> dict[str, str]:
+    """The texts of the exemplars the verdict names, by id, when its policy exposes
+    evidence; empty if the store fails (the verdict stands without them).
+
+    Reads the store: call it off the event loop (a PostgreSQL round trip, or a
+    lock held by an import, must not stall every other call).
+    """
+    neighbors, index = result.route.neighbors, result.route.index
+    if neighbors is None or not result.policy.expose_evidence:
+        return {}
+    try:
+        return {
+            eid: e.text
+            for eid, e in store.get_many(index.ids[p] for p in neighbors.positions).items()
+        }
+    except DatabaseError:
+        log.warning("exemplar texts left out of a verdict: the store failed", exc_info=True)
+        return {}
+
+
+def _matches(result: CheckResult, texts: Mapping[str, str]) -> list[pb.ExemplarMatch]:
     neighbors, index = result.route.neighbors, result.route.index
     if neighbors is None:
         return []
     expose = result.policy.expose_evidence
     ids = [index.ids[p] for p in neighbors.positions]
-    texts: dict[str, str] = {}
-    if expose:
-        try:
-            texts = {eid: e.text for eid, e in store.get_many(ids).items()}
-        except DatabaseError:  # the verdict stands without the texts
-            log.warning("exemplar texts left out of a verdict: the store failed", exc_info=True)
     return [
         pb.ExemplarMatch(
             exemplar_id=eid,

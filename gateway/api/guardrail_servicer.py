@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -14,6 +15,8 @@ from gateway.api.convert import (
     ROLES,
     STREAM_MODES,
     conversation_verdict_extras,
+    exposed_texts,
+    exposes_texts,
     verdict_to_proto,
 )
 from gateway.api.interceptors import PRINCIPAL, REQUEST_ID, ServicerContext, caller_key
@@ -54,7 +57,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             result = await check_prompt(
                 self._gateway, text, policy, request_id=REQUEST_ID.get(), deadline=deadline
             )
-        verdict = self._verdict("check_prompt", result, start)
+        verdict = await self._verdict("check_prompt", result, start)
         self._record("check_prompt", result, text)
         return pb.CheckPromptResponse(verdict=verdict)
 
@@ -71,7 +74,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 self._gateway, prompt, response, policy, request_id=REQUEST_ID.get(),
                 deadline=deadline,
             )  # fmt: skip
-        verdict = self._verdict("check_response", result, start)
+        verdict = await self._verdict("check_response", result, start)
         self._record("check_response", result, prompt)
         return pb.CheckResponseResponse(verdict=verdict, final_text=result.final_text)
 
@@ -87,12 +90,12 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 self._gateway, prompt, policy, request_id=REQUEST_ID.get(), deadline=deadline
             )
         reply = pb.GenerateResponse(
-            prompt_verdict=self._verdict("generate.prompt", result.prompt, start),
+            prompt_verdict=await self._verdict("generate.prompt", result.prompt, start),
             final_text=result.final_text,
         )
         if result.response is not None:
             reply.response_verdict.CopyFrom(
-                self._verdict("generate.response", result.response, start, result.generate_ms)
+                await self._verdict("generate.response", result.response, start, result.generate_ms)
             )
         self._record("generate", result.response or result.prompt, prompt)
         return reply
@@ -110,7 +113,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             owner=caller_key(PRINCIPAL.get(), context), request_id=REQUEST_ID.get(),
             deadline=deadline,
         )  # fmt: skip
-        verdict = self._verdict("check_conversation", result.check, start)
+        verdict = await self._verdict("check_conversation", result.check, start)
         conversation_verdict_extras(verdict, result)
         driver = result.driver
         logged = messages[driver.index].content if 0 <= driver.index < len(messages) else ""
@@ -159,7 +162,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             event = await check.feed(request.chunk)
             if event.release and not event.stopped:
                 yield pb.CheckStreamResponse(release=event.release)
-        yield self._stream_response(event, check, start)
+        yield await self._stream_response(event, check, start)
         if event.stopped:  # read what the client still sends, so its writes do not fail
             async for _ in requests:
                 pass
@@ -182,25 +185,25 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 )  # fmt: skip
                 if event.prompt is not None:
                     reply.prompt_verdict.CopyFrom(
-                        self._verdict("generate_stream.prompt", event.prompt, start)
+                        await self._verdict("generate_stream.prompt", event.prompt, start)
                     )
                     if event.stream.stopped:
                         self._record("generate_stream", event.prompt, prompt)
                 result = event.stream.result
                 if result is not None:
-                    verdict = self._verdict("generate_stream.response", result, start)
+                    verdict = await self._verdict("generate_stream.response", result, start)
                     reply.response_verdict.CopyFrom(
                         conversation_verdict_extras(verdict, stream_mode=mode)
                     )
                     self._record("generate_stream", result, prompt)
                 yield reply
 
-    def _stream_response(
+    async def _stream_response(
         self, event: StreamEvent, check: StreamCheck, start: float
     ) -> pb.CheckStreamResponse:
         """The last response of a stream: what remains to release, or the stop; the verdict."""
         assert event.result is not None  # the last event carries the decision
-        verdict = self._verdict("check_stream", event.result, start)
+        verdict = await self._verdict("check_stream", event.result, start)
         conversation_verdict_extras(verdict, stream_mode=check.mode)
         self._record("check_stream", event.result, check.text)
         return pb.CheckStreamResponse(
@@ -275,9 +278,14 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         margin = max(_DEADLINE_MARGIN_S, _DEADLINE_MARGIN_SHARE * remaining)
         return Deadline(min(budget, remaining - margin))
 
-    def _verdict(
+    async def _verdict(
         self, rpc: str, result: CheckResult, start: float, generate_ms: float = 0.0
     ) -> pb.Verdict:
+        texts = (
+            await asyncio.to_thread(exposed_texts, result, self._gateway.index.store)
+            if exposes_texts(result)
+            else {}
+        )
         total_ms = (time.perf_counter() - start) * 1000.0
         self._gateway.metrics.observe(rpc, result, total_ms / 1000.0)
         request_span = current_span()
@@ -288,7 +296,7 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
             request_span.set_attribute("tierguard.decided_by", result.decided_by.value)
         verdict = verdict_to_proto(
             result, request_id=REQUEST_ID.get(), total_ms=total_ms,
-            store=self._gateway.index.store, generate_ms=generate_ms,
+            exemplar_texts=texts, generate_ms=generate_ms,
         )  # fmt: skip
         log.info(
             "%s request_id=%s policy=%s decision=%s tier=%s risk=%.3f escalated=%s "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -103,3 +106,36 @@ async def test_a_store_gone_away_fails_admin_calls_unavailable_and_checks_go_on(
                 conn.execute(f"ALTER SCHEMA {schema}_away RENAME TO {schema}")
         listed = await admin.ListExemplars(apb.ListExemplarsRequest(page_size=1), metadata=ADMIN)
         assert len(listed.exemplars) == 1  # back as soon as the database is
+
+
+async def test_a_verdict_waiting_for_exemplar_texts_does_not_stall_other_callers(
+    pg_url: str, embedder: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    """Regression: the texts of exposed evidence were read on the event loop, so a
+    store that answered slowly (here: a table locked by another session for 3 s)
+    stopped every call of the gateway, not only the one that showed evidence."""
+    shown = pb.CheckPromptRequest(text=PARAPHRASE, policy="transparent")
+    plain = pb.CheckPromptRequest(text="What time zone is Denver in?")
+    locked = threading.Event()
+
+    def hold_the_lock() -> None:
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("LOCK TABLE exemplars IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            time.sleep(3.0)
+            conn.rollback()
+
+    async with gateway_on(pg_url, tmp_path / "data", embedder) as (_, checks):
+        await checks.CheckPrompt(plain)  # warm
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        await asyncio.to_thread(locked.wait, 10)
+        started = time.perf_counter()
+        waiting = asyncio.ensure_future(checks.CheckPrompt(shown, timeout=60))
+        await asyncio.sleep(0.3)  # it reaches the store and waits for the lock
+        reply = await checks.CheckPrompt(plain, timeout=10)
+        assert reply.verdict.decision == pb.DECISION_ALLOW
+        assert not waiting.done()  # answered while the other still waits ...
+        assert time.perf_counter() - started < 2.0  # ... not after the lock went
+        assert all(m.text for m in (await waiting).verdict.nearest_exemplars)
+        await asyncio.to_thread(holder.join)
