@@ -384,7 +384,6 @@ def _usage(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from gateway.offline.calibrate import calibrate, plot_calibration
     from gateway.offline.evaluate import OfflineRouter, format_reports
-    from router.decision import Tier
     from router.evaluation import read_labelled
 
     config = _load(args)
@@ -401,9 +400,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         offline = OfflineRouter.create(config)
     results = offline.route_rows(rows, policy_name=policy.name)
     scores = [r.risk_score for r in results]
-    tier0 = [r.route if r.decided_by is Tier.PREFILTER else None for r in results]
+    hits = [r.hits for r in results]
     try:
-        result = calibrate(rows, scores, tier0, target_recall=args.target_recall,
+        result = calibrate(rows, scores, hits, target_recall=args.target_recall,
                            max_escalation=args.max_escalation,
                            max_block_benign=args.max_block_benign)  # fmt: skip
     except ValueError as exc:

@@ -22,8 +22,12 @@ import numpy as np
 from embeddings_index.vocabulary import Label, Route
 from router.decision import Thresholds, lowest_threshold_at_rate, route_for
 from router.evaluation import GroupReport, LabelledText, report_groups
+from router.prefilter import PrefilterHit, RuleAction
 
 __all__ = ["Calibration", "calibrate", "plot_calibration", "routes_at"]
+
+# Rules that catch a text whatever its score.
+_DECIDING = (RuleAction.BLOCK, RuleAction.ESCALATE)
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,13 @@ class Calibration:
 
 
 def routes_at(
-    scores: np.ndarray, tier0: Sequence[Route | None], thresholds: Thresholds
+    scores: np.ndarray, hits: Sequence[Sequence[PrefilterHit]], thresholds: Thresholds
 ) -> list[Route]:
-    """The route of every scored text under `thresholds`: a prefilter block stays a
-    block, and a text an escalating rule caught is escalated at least."""
-    routes = []
-    for score, forced in zip(scores, tier0, strict=True):
-        route = Route.BLOCK if forced is Route.BLOCK else route_for(float(score), (), thresholds)[0]
-        if forced is Route.ESCALATE and route is Route.ALLOW:
-            route = Route.ESCALATE
-        routes.append(route)
-    return routes
+    """The route of every scored text, with its prefilter hits, under `thresholds`."""
+    return [
+        route_for(float(score), text_hits, thresholds)[0]
+        for score, text_hits in zip(scores, hits, strict=True)
+    ]
 
 
 def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
@@ -60,7 +60,7 @@ def _threshold_for_recall(risky_scores: np.ndarray, recall: float) -> float:
 def calibrate(
     rows: Sequence[LabelledText],
     scores: Sequence[float],
-    tier0: Sequence[Route | None],
+    hits: Sequence[Sequence[PrefilterHit]],
     *,
     target_recall: float | None = None,
     max_escalation: float | None = None,
@@ -68,9 +68,9 @@ def calibrate(
 ) -> Calibration:
     """Recommend thresholds for exactly one of `target_recall` / `max_escalation`.
 
-    `tier0` is the route a prefilter rule imposed on each row (BLOCK, ESCALATE)
-    or None: such rows are caught whatever `escalate_at` is, so they count as
-    escalated when it is chosen; `block_at` sees an escalated row's own score.
+    `hits` are each row's prefilter hits: a row a blocking or escalating rule
+    caught is caught whatever `escalate_at` is, so it counts as escalated when it
+    is chosen; `block_at` sees an escalated row's own score.
 
     Raises:
         ValueError: neither or both targets, or data without the needed labels.
@@ -78,7 +78,9 @@ def calibrate(
     if (target_recall is None) == (max_escalation is None):
         raise ValueError("give exactly one of target_recall and max_escalation")
     s = np.asarray(scores, dtype=np.float64)
-    forced = np.array([route is not None for route in tier0], dtype=bool)
+    forced = np.array(
+        [any(h.action in _DECIDING for h in text_hits) for text_hits in hits], dtype=bool
+    )
     caught_anyway = np.where(forced, 1.0, s)  # what escalate_at is chosen on
     risky = np.array([r.label == Label.RISKY for r in rows])
     ordinary = np.array([r.label == Label.BENIGN and r.category != "benign_hard" for r in rows])
@@ -99,7 +101,7 @@ def calibrate(
         else 1.0
     )
     thresholds = Thresholds(min(escalate_at, 1.0), min(block_at, 1.0))
-    routes = routes_at(s, tier0, thresholds)
+    routes = routes_at(s, hits, thresholds)
     by_category: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         by_category[row.category].append(i)
