@@ -39,7 +39,7 @@ so a run embeds each text once.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -280,14 +280,21 @@ class FoldedScores:
     unit_of: Mapping[str, str] = field(default_factory=dict)
 
 
-def group_sources(corpus: Corpus, count: int) -> dict[str, str]:
-    """`count` groups of the corpus's files: those with risky rows dealt round-robin in
-    name order, then the benign-only ones, continuing the deal ("group 1", ...)."""
+def deal_sources(files: Iterable[str], with_risky: Set[str], count: int) -> dict[str, str]:
+    """`count` groups of `files`: those in `with_risky` dealt round-robin in name
+    order, then the benign-only ones, continuing the deal ("group 1", ...). The
+    one deal every report by groups uses, so "group 3" names the same files in each."""
     if count < 2:
         raise ValueError("groups: at least 2")
-    with_risky = [f for f in corpus.file_names if corpus.risky[corpus.files == f].any()]
-    benign_only = [f for f in corpus.file_names if f not in with_risky]
-    return {f: f"group {i % count + 1}" for i, f in enumerate([*with_risky, *benign_only])}
+    names = sorted(set(files))
+    order = [f for f in names if f in with_risky] + [f for f in names if f not in with_risky]
+    return {f: f"group {i % count + 1}" for i, f in enumerate(order)}
+
+
+def group_sources(corpus: Corpus, count: int) -> dict[str, str]:
+    """`deal_sources` over the corpus's files."""
+    risky = {f for f in corpus.file_names if corpus.risky[corpus.files == f].any()}
+    return deal_sources(corpus.file_names, risky, count)
 
 
 def leave_one_source_out(

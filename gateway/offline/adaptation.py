@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from embeddings_index.store import text_key
+from router.cross_source import deal_sources
 from router.evaluation import LabelledText
 
 __all__ = [
@@ -113,18 +115,16 @@ def deal_families(
 ) -> tuple[list[Family], list[str]]:
     """Families of `rows`, and notes on the units left out for too few risky rows.
 
-    `groups` >= 2 deals the files into that many groups exactly as
-    `router.cross_source.group_sources` does (files with risky rows round-robin
-    in name order, then the benign-only ones), so "group 3" names the same files
-    in both reports; 0 makes each file with risky rows its own family.
+    `groups` >= 2 deals the files into that many groups as `eval --cross-source
+    --groups` does (`router.cross_source.deal_sources`), so "group 3" names the
+    same files in both reports; 0 makes each file with risky rows its own family.
     """
     files = sorted({r.file for r in rows})
-    with_risky = [f for f in files if any(r.file == f and r.label == "risky" for r in rows)]
+    with_risky = {r.file for r in rows if r.label == "risky"}
     if groups == 0:
-        unit_of = {f: f.removesuffix(".jsonl") for f in with_risky}
+        unit_of = {f: f.removesuffix(".jsonl") for f in sorted(with_risky)}
     elif groups >= 2:
-        benign_only = [f for f in files if f not in with_risky]
-        unit_of = {f: f"group {i % groups + 1}" for i, f in enumerate([*with_risky, *benign_only])}
+        unit_of = deal_sources(files, with_risky, groups)
     else:
         raise ValueError("--groups: 0 (one family per file) or at least 2")
     families, skipped = [], []
@@ -150,11 +150,6 @@ def sample_rows(rows: Sequence[LabelledText], n: int, seed: str) -> list[Labelle
         return list(rows)
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
-
-
-def _key(text: str) -> str:
-    """Texts equal up to case and spacing count as one (as the admin API's duplicate check)."""
-    return " ".join(text.casefold().split())
 
 
 @dataclass(frozen=True)
@@ -326,8 +321,9 @@ async def run_adaptation(
     for number, family in enumerate(families, start=1):
         t0 = time.monotonic()
         chosen = random.Random(f"{seed}:{family.name}").sample(family.risky, k)
-        keys = {_key(r.text) for r in chosen}
-        rest = [r for r in family.risky if _key(r.text) not in keys]
+        # texts equal up to case and spacing count as one, as the store's duplicate check
+        keys = {text_key(r.text) for r in chosen}
+        rest = [r for r in family.risky if text_key(r.text) not in keys]
         outside = [r for r in benign if r.file not in family.files]
         outside_hard = [r for r in hard if r.file not in family.files]
         scored = [*rest, *outside, *outside_hard]
